@@ -1,0 +1,62 @@
+"""A scorer's processor: its tokenizer, and its image side as tensor transforms (batched, on the scorer's device)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from PIL import Image
+from torch import nn
+from torchvision.transforms import v2
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def pixel_transform(
+    size: int | tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bicubic",
+    center_crop: bool = True,
+) -> nn.Module:
+    """B x 3 x H x W in [0, 1] -> normalised model input.
+
+    With `center_crop` the shorter side is resized to `size` and the centre cut out (CLIP's processors);
+    without it the image is resized to exactly `size` (CLIPSeg's processor squashes to 352 x 352).
+    """
+    mode = v2.InterpolationMode[interpolation.upper()]
+    if center_crop:
+        resize = [v2.Resize(size, interpolation=mode, antialias=True), v2.CenterCrop(size)]
+    else:
+        square = (size, size) if isinstance(size, int) else tuple(size)
+        resize = [v2.Resize(square, interpolation=mode, antialias=True)]
+    return v2.Compose([*resize, v2.Normalize(mean=list(mean), std=list(std))])
+
+
+def interpolation_name(resample: int | str) -> str:
+    """A Hugging Face processor's `resample` (a PIL filter number) as a torchvision mode name."""
+    if isinstance(resample, str):
+        return resample
+    return Image.Resampling(resample).name.lower()
+
+
+def load_processor(name_or_path: str):
+    """(tokenizer, image processor or None) saved beside a model.
+
+    A folder saved without them (a model trained here) falls back to the real CLIP tokenizer rebuilt
+    offline, which every CLIP-family model in this project uses.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from datagen.tokenizer import clip_tokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        tokenizer = clip_tokenizer()
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        image_processor = None
+    return tokenizer, image_processor
