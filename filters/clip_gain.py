@@ -146,7 +146,7 @@ class TransformersClipEncoder(ClipEncoder):
 
         with explain_missing(name_or_path):
             model = CLIPModel.from_pretrained(name_or_path)
-        tokenizer, image_processor = load_processor(name_or_path)
+            tokenizer, image_processor = load_processor(name_or_path)
         if image_processor is None:
             preprocess = pixel_transform(model.config.vision_config.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
         else:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 class MissingModelError(RuntimeError):
@@ -15,10 +16,13 @@ def explain_missing(model: str, errors: tuple[type[BaseException], ...] = (OSErr
     try:
         yield
     except errors as error:
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # The hub library reports a mistyped local path as an invalid repository id: say what is wrong instead.
+        missing_path = model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists()
+        first_line = next(iter(str(error).strip().splitlines()), type(error).__name__)
+        cause = "no such file or folder" if missing_path else first_line
         raise MissingModelError(
             f"Scorer model {model!r} is not available ({cause}). Download it once on a machine that can reach "
             "the model hub (it is then cached), point the scorer preset at a local copy "
-            "(e.g. model.scorers.clip.name_or_path=/models/clip), or score offline with model=tiny "
+            "(e.g. model.scorers.segmenter.name_or_path=/models/clipseg), or score offline with model=tiny "
             "(random scorers, for tests) or model=toy (the toy world's trained scorers)."
         ) from error

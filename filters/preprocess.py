@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from PIL import Image
 from torch import nn
@@ -42,21 +43,21 @@ def interpolation_name(resample: int | str) -> str:
 
 
 def load_processor(name_or_path: str):
-    """(tokenizer, image processor or None) saved beside a model.
+    """(tokenizer, image processor or None) of a hub model or a local folder.
 
-    A folder saved without them (a model trained here) falls back to the real CLIP tokenizer rebuilt
-    offline, which every CLIP-family model in this project uses.
+    A folder saved without them (a model trained here, weights and config only) gets the real CLIP
+    tokenizer rebuilt offline, which every CLIP-family model in this project uses, and no image processor.
+    transformers would otherwise build an empty 2-token tokenizer from the model config alone.
     """
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from datagen.tokenizer import clip_tokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError):
-        tokenizer = clip_tokenizer()
-    try:
-        image_processor = AutoImageProcessor.from_pretrained(name_or_path)
-    except (OSError, ValueError):
-        image_processor = None
+    folder = Path(name_or_path)
+
+    def saved(*files: str) -> bool:
+        return not folder.is_dir() or any((folder / file).exists() for file in files)
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path) if saved("tokenizer.json", "vocab.json") else clip_tokenizer()
+    image_processor = AutoImageProcessor.from_pretrained(name_or_path) if saved("preprocessor_config.json") else None
     return tokenizer, image_processor

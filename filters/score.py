@@ -13,10 +13,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from torch import Tensor
 
 from filters.clip_gain import ClipScorer
+from filters.loading import MissingModelError
 from filters.segmentation import SegmentationScorer
 
 
@@ -57,13 +59,23 @@ def segmentation_words(task_cfg: Mapping[str, Any]) -> tuple[str, str] | None:
     return None if words is None else (words["source"], words["target"])
 
 
+def load_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
+    """`hydra.utils.instantiate`, letting a missing model's one-line error through instead of Hydra's wrapper."""
+    try:
+        return instantiate(cfg)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, MissingModelError):
+            raise error.__cause__ from None
+        raise
+
+
 def build_scorer(scorers_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], device: torch.device | str, dtype: torch.dtype = torch.float32) -> PairScorer:
     """Instantiate the preset's CLIP model and segmenter (`_target_` each) on `device` and bind them to the task."""
-    clip = instantiate(scorers_cfg["clip"]).to(device, dtype).eval()
+    clip = load_model(scorers_cfg["clip"]).to(device, dtype).eval()
     scorers: list[Scorer] = []
     words = segmentation_words(task_cfg)
     if words is not None:
-        segmenter = instantiate(scorers_cfg["segmenter"]).to(device, dtype).eval()
+        segmenter = load_model(scorers_cfg["segmenter"]).to(device, dtype).eval()
         scorers.append(SegmentationScorer(segmenter, *words))
     scorers.append(ClipScorer(clip, task_cfg["source_text"], task_cfg["target_text"]))
     return PairScorer(scorers)

@@ -66,7 +66,7 @@ class ClipSegSegmenter(nn.Module):
 
         with explain_missing(name_or_path):
             model = CLIPSegForImageSegmentation.from_pretrained(name_or_path)
-        tokenizer, image_processor = load_processor(name_or_path)
+            tokenizer, image_processor = load_processor(name_or_path)
         if image_processor is None:
             preprocess = pixel_transform(model.config.vision_config.image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear", center_crop=False)
         else:

@@ -19,3 +19,11 @@ def passes(scores: Mapping[str, float], thresholds: Mapping[str, float | None]) 
         elif value < minimum:
             reasons.append(f"{name}: {value:.4f} < {minimum}")
     return not reasons, reasons
+
+
+def judge(scores: Mapping[str, float | str], thresholds: Mapping[str, float | None]) -> tuple[bool, list[str]]:
+    """`passes`, with each failure on an undefined score followed by the scorer's recorded `nan_reason`."""
+    kept, reasons = passes(scores, thresholds)
+    recorded = scores.get("nan_reason", "")
+    why = dict(part.split(": ", 1) for part in recorded.split("; ") if ": " in part)
+    return kept, [f"{reason} ({why[name]})" if (name := reason.split(":")[0]) in why else reason for reason in reasons]
