@@ -1,4 +1,4 @@
-"""python -m filters DIR [thresholds.seg_iou=0.5 ...] [device=cuda] [dtype=float16] [batch_size=32]
+"""python -m filters DIR [thresholds.seg_iou=0.5 ...] [device=auto|cpu|cuda] [dtype=auto|fp32|fp16|bf16] [batch_size=16]
 
 Scores the pairs of generation run DIR that lack scores (with the scorers of the run's model preset),
 writes the pairs passing the task's thresholds to DIR/filtered/, and reports in DIR/filter_report.md.
@@ -9,21 +9,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from datagen.backbone import resolve_device, resolve_dtype
 from filters.apply import filter_run
 from filters.loading import MissingModelError
 from filters.report import count_filters, write_report
 from filters.score import build_scorer
-
-
-def scorer_dtype(name: str, device: str) -> torch.dtype:
-    """`auto` is float16 on GPUs (CLIP and CLIPSeg run in it) and float32 on the CPU."""
-    if name == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{config_path} not found: DIR must be a generation run's output directory")
     run = OmegaConf.load(config_path)
     options = OmegaConf.create(
-        {"thresholds": run.task.thresholds, "device": "cuda" if torch.cuda.is_available() else "cpu", "dtype": "auto", "batch_size": 16}
+        {"thresholds": run.task.thresholds, "device": "auto", "dtype": "auto", "batch_size": 16}
     )
     OmegaConf.set_struct(options, True)
     OmegaConf.set_struct(options.thresholds, False)  # any score may be thresholded, not only the task's
@@ -47,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"bad override: {error}")
     thresholds = OmegaConf.to_container(options.thresholds)
 
+    device = resolve_device(options.device)
+
     def make_scorer():
-        return build_scorer(run.model.scorers, run.task, options.device, scorer_dtype(options.dtype, options.device))
+        return build_scorer(run.model.scorers, run.task, device, resolve_dtype(options.dtype, device))
 
     try:
         verdicts = filter_run(args.run_dir, thresholds, make_scorer, options.batch_size)

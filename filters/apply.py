@@ -1,26 +1,28 @@
 """Filtering a finished generation run: score the pairs that lack scores, keep those that pass, copy them.
 
-Reads `DIR/shards/*.tar` (the finished ones listed in `DIR/manifest.jsonl`) and writes, shard for shard,
-`DIR/filtered/pairs-NNNNNN.tar` with the kept samples (bytes unchanged, json completed with its scores)
-plus `DIR/filtered/manifest.jsonl` in the generation manifest's format. Scores computed here are cached
-in `DIR/scores/pairs-NNNNNN.jsonl`, so trying other thresholds never scores twice; the generated shards
+Reads the finished shards of run DIR (those its manifest records) and makes `DIR/filtered/` a run
+directory of its own: `shards/pairs-NNNNNN.tar` with the kept samples of each shard (bytes unchanged,
+json completed with its scores), `manifest.jsonl` in the generation format, and `config.yaml` with the
+thresholds applied; anything that reads a run reads it. Scores computed here are cached in
+`DIR/scores/pairs-NNNNNN.jsonl`, so trying other thresholds never scores twice; the generated shards
 themselves are never modified (their manifest checksums stay true).
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import webdataset as wds
+from omegaconf import OmegaConf
 from torchvision.io import ImageReadMode, decode_png
 
+from datagen.shards import ShardRecord, finished_shards, sha256_file
 from filters.score import PairScorer
 from filters.thresholds import judge
 
@@ -36,15 +38,6 @@ class Judged:
     scores: Scores
     kept: bool
     reasons: list[str]
-
-
-def finished_shards(run_dir: Path) -> list[Path]:
-    """The shards the manifest lists as finished (all of shards/ when there is no manifest)."""
-    manifest = run_dir / "manifest.jsonl"
-    if not manifest.exists():
-        return sorted((run_dir / "shards").glob("*.tar"))
-    names = [json.loads(line)["shard"] for line in manifest.read_text().splitlines() if line.strip()]
-    return [run_dir / "shards" / name for name in sorted(names)]
 
 
 def read_samples(shard: Path) -> Iterator[dict[str, bytes | str]]:
@@ -90,32 +83,36 @@ def filter_run(
 ) -> list[Judged]:
     """Judge every finished pair of the run and write the kept ones to DIR/filtered/; returns all verdicts.
 
-    `make_scorer` is called only if some pair lacks scores, so filtering a scored run loads no model.
+    `make_scorer` is called (once) only if some pair lacks scores, so filtering a scored run loads no model.
     """
     make_scorer = functools.cache(make_scorer)
     out_dir = run_dir / "filtered"
-    out_dir.mkdir(exist_ok=True)
+    (out_dir / "shards").mkdir(parents=True, exist_ok=True)
     verdicts: list[Judged] = []
-    manifest: list[dict] = []
-    for shard in finished_shards(run_dir):
+    records: list[ShardRecord] = []
+    for index, record in sorted(finished_shards(run_dir).items()):
+        shard = run_dir / "shards" / record.shard
         missing = computed_scores(run_dir, shard, make_scorer, batch_size)
-        kept_count = 0
+        kept_keys: list[str] = []
 
         def write_kept(path: Path) -> None:
-            nonlocal kept_count
-            with wds.TarWriter(str(path)) as sink:
+            with open(path, "wb") as stream, wds.TarWriter(stream, mtime=0.0) as sink:
                 for sample in read_samples(shard):
                     meta = json.loads(sample["json"])
                     scores = meta.get("scores", missing.get(sample["__key__"], {}))
                     kept, reasons = judge(scores, thresholds)
                     verdicts.append(Judged(sample["__key__"], shard.name, scores, kept, reasons))
                     if kept:
-                        sink.write({**sample, "json": json.dumps({**meta, "scores": scores}).encode()})
-                        kept_count += 1
+                        sink.write({**sample, "json": json.dumps({**meta, "scores": scores}, sort_keys=True).encode()})
+                        kept_keys.append(sample["__key__"])
 
-        target = out_dir / shard.name
+        target = out_dir / "shards" / shard.name
         write_atomic(target, write_kept)
-        manifest.append({"shard": shard.name, "count": kept_count, "sha256": hashlib.sha256(target.read_bytes()).hexdigest()})
-    lines = "".join(json.dumps(entry) + "\n" for entry in manifest)
+        records.append(ShardRecord(shard.name, index, len(kept_keys), kept_keys, sha256_file(target)))
+
+    config = OmegaConf.load(run_dir / "config.yaml")
+    config.task.thresholds = dict(thresholds)
+    write_atomic(out_dir / "config.yaml", lambda path: OmegaConf.save(config, path))
+    lines = "".join(json.dumps(asdict(record), sort_keys=True) + "\n" for record in records)
     write_atomic(out_dir / "manifest.jsonl", lambda path: path.write_text(lines))
     return verdicts

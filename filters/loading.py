@@ -1,12 +1,18 @@
-"""One readable error for a scorer model that is not on this machine, instead of a hub stack trace."""
+"""One readable error for a scorer model that is not on this machine, instead of a hub stack trace.
+
+It is a `ModelUnavailableError`, the error entry points already report in one line for the SD model;
+only the advice differs (a scorer's local copy is set in the scorer preset, not with `model.path`).
+"""
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from datagen.backbone import ModelUnavailableError
 
-class MissingModelError(RuntimeError):
+
+class MissingModelError(ModelUnavailableError):
     """A scorer model could be neither found locally nor downloaded."""
 
 

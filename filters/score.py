@@ -37,14 +37,14 @@ class PairScorer:
     @torch.no_grad()
     def __call__(self, inputs: Tensor, edited: Tensor) -> list[dict[str, float | str]]:
         edited = edited.to(inputs.device)
-        columns: dict[str, Tensor] = {}
+        columns: dict[str, list[float]] = {}
         reasons: dict[str, str] = {}
         for scorer in self.scorers:
-            columns.update({name: values.float().cpu() for name, values in scorer(inputs, edited).items()})
+            columns.update({name: values.float().tolist() for name, values in scorer(inputs, edited).items()})
             reasons.update(scorer.undefined_reasons)
         rows = []
         for i in range(len(inputs)):
-            row: dict[str, float | str] = {name: values[i].item() for name, values in columns.items()}
+            row: dict[str, float | str] = {name: values[i] for name, values in columns.items()}
             undefined = [f"{name}: {reasons.get(name, 'not finite')}" for name, value in row.items() if not math.isfinite(value)]
             if undefined:
                 row["nan_reason"] = "; ".join(undefined)

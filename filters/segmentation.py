@@ -107,7 +107,7 @@ class SegmentationScorer:
     def __init__(self, segmenter: ClipSegSegmenter, source_word: str, target_word: str):
         self.segmenter = segmenter
         self.source_word, self.target_word = source_word, target_word
-        self.undefined_reasons = {"seg_iou": f"both masks empty (no '{source_word}' in the input, no '{target_word}' in the edited image)"}
+        self.undefined_reasons = {"seg_iou": f"both masks empty: no '{source_word}' in the input, no '{target_word}' in the edited image"}
 
     def __call__(self, inputs: Tensor, edited: Tensor) -> dict[str, Tensor]:
         batch = len(inputs)

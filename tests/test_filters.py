@@ -64,9 +64,9 @@ def test_segmentation_scorer_masks_source_word_in_input_and_target_word_in_edite
     assert rows[0] == {"seg_iou": 0.5, "seg_area_input": 0.25, "seg_area_edited": 0.125}
     # Pair 1 has no object on either side: undefined, explained, and rejected by an IoU threshold.
     assert math.isnan(rows[1]["seg_iou"])
-    assert rows[1]["nan_reason"] == "seg_iou: both masks empty (no 'cat' in the input, no 'dog' in the edited image)"
+    assert rows[1]["nan_reason"] == "seg_iou: both masks empty: no 'cat' in the input, no 'dog' in the edited image"
     kept, reasons = judge(rows[1], {"seg_iou": 0.7, "clip_gain": None})
-    assert not kept and reasons == ["seg_iou: nan (both masks empty (no 'cat' in the input, no 'dog' in the edited image))"]
+    assert not kept and reasons == ["seg_iou: nan (both masks empty: no 'cat' in the input, no 'dog' in the edited image)"]
 
 
 def test_clip_scores_follow_the_documented_formulas():

@@ -3,18 +3,17 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
-import webdataset as wds
+import torch
 from omegaconf import OmegaConf
-from PIL import Image
 
+from datagen.shards import ShardWriter, finished_shards
 from filters.__main__ import main
 from filters.apply import filter_run, read_samples
 from filters.report import FilterCounts, count_filters, write_report
 
 CONF = Path(__file__).parents[1] / "conf"
-NAN_REASON = "seg_iou: both masks empty (no 'cat' in the input, no 'dog' in the edited image)"
+NAN_REASON = "seg_iou: both masks empty: no 'cat' in the input, no 'dog' in the edited image"
 # cat2dog keeps seg_iou >= 0.70 and clip_gain >= 0.10.
 KNOWN_SCORES = [
     {"seg_iou": 0.9, "clip_gain": 0.2},  # kept
@@ -27,27 +26,22 @@ KNOWN_SCORES = [
 
 
 def write_run(run_dir: Path, scores: list[dict] | None, per_shard: int = 3) -> list[str]:
-    """A generation run as datagen writes it: config, finished shards in the manifest, one unfinished shard."""
+    """A generation run as datagen writes it: config, two finished shards, a third one still being written."""
     run_dir.mkdir()
     config = {"task": OmegaConf.load(CONF / "task" / "cat2dog.yaml"), "model": {"name": "tiny", "scorers": OmegaConf.load(CONF / "scorers" / "tiny.yaml")}}
     OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
-    (run_dir / "shards").mkdir()
-    rng = np.random.default_rng(0)
-    keys, manifest = [], []
-    for shard_index in range(3):
-        name = f"pairs-{shard_index:06d}.tar"
-        with wds.TarWriter(str(run_dir / "shards" / name)) as sink:
-            for i in range(shard_index * per_shard, (shard_index + 1) * per_shard):
-                key = f"{i:09d}"
-                meta = {"key": key, "task": "cat2dog", "source_word": "cat", "target_word": "dog", "seed": i}
-                if scores is not None:
-                    meta["scores"] = scores[i % len(scores)]
-                pictures = {f"{side}.png": Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for side in ("input", "edited")}
-                sink.write({"__key__": key, **pictures, "json": meta})
-                keys.append(key)
-        if shard_index < 2:  # the third shard is still being written: not in the manifest
-            manifest.append({"shard": name, "count": per_shard, "sha256": "..."})
-    (run_dir / "manifest.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in manifest))
+    generator = torch.Generator().manual_seed(0)
+    keys = []
+    for shard in range(3):
+        writer = ShardWriter(run_dir, shard)
+        for i in range(shard * per_shard, (shard + 1) * per_shard):
+            meta = {"key": f"{i:09d}", "task": "cat2dog", "source_word": "cat", "target_word": "dog", "seed": i}
+            if scores is not None:
+                meta["scores"] = scores[i % len(scores)]
+            writer.write(meta["key"], torch.rand(3, 16, 16, generator=generator), torch.rand(3, 16, 16, generator=generator), meta)
+            keys.append(meta["key"])
+        if shard < 2:
+            writer.close()
     return keys
 
 
@@ -56,7 +50,7 @@ def no_scorer():
 
 
 def filtered_samples(run_dir: Path) -> dict[str, dict]:
-    return {s["__key__"]: s for shard in sorted((run_dir / "filtered").glob("*.tar")) for s in read_samples(shard)}
+    return {s["__key__"]: s for shard in sorted((run_dir / "filtered" / "shards").glob("*.tar")) for s in read_samples(shard)}
 
 
 def test_filtering_known_scores_keeps_exactly_the_passing_keys_and_reports_the_counts(tmp_path):
@@ -71,8 +65,11 @@ def test_filtering_known_scores_keeps_exactly_the_passing_keys_and_reports_the_c
     originals = {s["__key__"]: s for s in read_samples(run_dir / "shards" / "pairs-000001.tar")}
     assert kept[keys[5]]["edited.png"] == originals[keys[5]]["edited.png"]
     assert json.loads(kept[keys[5]]["json"])["scores"] == KNOWN_SCORES[5]
-    manifest = [json.loads(line) for line in (run_dir / "filtered" / "manifest.jsonl").read_text().splitlines()]
-    assert [(m["shard"], m["count"]) for m in manifest] == [("pairs-000000.tar", 1), ("pairs-000001.tar", 1)]
+    assert [(r.shard, r.keys) for r in finished_shards(run_dir / "filtered").values()] == [
+        ("pairs-000000.tar", [keys[0]]),
+        ("pairs-000001.tar", [keys[5]]),
+    ]
+    assert OmegaConf.load(run_dir / "filtered" / "config.yaml").task.thresholds == thresholds
     assert verdicts[3].reasons == [f"seg_iou: nan ({NAN_REASON.split(': ', 1)[1]})"]
 
     assert count_filters(verdicts, thresholds) == [
