@@ -1,0 +1,54 @@
+"""Distillation losses: L1 + LPIPS (VGG) regression to the teacher's edit, and the conditional
+non-saturating GAN loss with lazy R1 on real pairs (StyleGAN2, Karras et al. 2020).
+
+Images are B x 3 x R x R in [-1, 1]; losses are means over the batch.
+"""
+from __future__ import annotations
+
+import urllib.error
+
+import lpips
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MissingWeightsError(RuntimeError):
+    """A pretrained network could not be loaded (typically: no network access)."""
+
+
+def build_lpips(pretrained_vgg: bool = True) -> nn.Module:
+    """Frozen LPIPS(VGG). The linear heads ship with the `lpips` package; the VGG16 trunk is torchvision's
+    ImageNet weights (downloaded once into $TORCH_HOME), or random with `pretrained_vgg=False`."""
+    try:
+        net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=not pretrained_vgg, verbose=False)
+    except (urllib.error.URLError, OSError) as error:
+        raise MissingWeightsError(
+            f"LPIPS needs torchvision's ImageNet VGG16 weights (vgg16-397923af.pth) and could not download "
+            f"them ({error}). Put the file into $TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch), or, for "
+            f"tests and smoke runs only, use a random VGG trunk: distill.lpips_pretrained_vgg=false") from None
+    return net.eval().requires_grad_(False)
+
+
+def psnr(output: Tensor, target: Tensor) -> Tensor:
+    """Per-sample PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+    mse = (output.float() - target.float()).square().flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
+
+
+def generator_adversarial(fake_logits: Tensor) -> Tensor:
+    """Non-saturating: -log sigmoid(D(x, G(x)))."""
+    return F.softplus(-fake_logits).mean()
+
+
+def discriminator_adversarial(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """-log sigmoid(D(x, y)) - log(1 - sigmoid(D(x, G(x))))."""
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def r1_penalty(discriminator: nn.Module, condition: Tensor, real: Tensor) -> Tensor:
+    """E ||d D(x, y) / d y||^2 on real pairs, the gradient taken with respect to the output image only."""
+    real = real.detach().requires_grad_(True)
+    logits = discriminator(condition, real)
+    (gradient,) = torch.autograd.grad(logits.sum(), real, create_graph=True)
+    return gradient.float().square().sum(dim=(1, 2, 3)).mean()

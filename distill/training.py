@@ -1,0 +1,60 @@
+"""A distillation run from its composed config (`conf/train.yaml`): what `python train.py ...` does."""
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> pl.Trainer:
+    """Fit the student on the pairs of `cfg.data`; the final state is `out_dir/checkpoints/last.ckpt`."""
+    out_dir = Path(cfg.out_dir)
+    save_config(cfg, out_dir / "config.yaml")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.distill)
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
+    loggers = [instantiate(lg) for lg in cfg.get("logger", {}).values()]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if cfg.ckpt_path is None:
+        trainer.validate(module, datamodule=datamodule)  # the starting point, logged at step 0
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    # periodic checkpoints need not fall on the last step
+    trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
+    return trainer
+
+
+@rank_zero_only
+def save_config(cfg: DictConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path, resolve=True)
+
+
+def wandb_logger(**kwargs) -> WandbLogger:
+    """WandbLogger that logs offline (with one notice) when no API key is configured, instead of prompting."""
+    offline = kwargs.pop("offline", False) or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
+    if not offline and not wandb_api_key_configured():
+        offline = True
+        rank_zero_only(log.warning)("wandb: no API key (WANDB_API_KEY or `wandb login`), logging offline to %s; "
+                                    "upload later with `wandb sync`", Path(kwargs.get("save_dir", ".")) / "wandb")
+    return WandbLogger(offline=offline, **kwargs)
+
+
+def wandb_api_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
