@@ -90,8 +90,12 @@ class OpenClipEncoder(ClipEncoder):
 
     def __init__(self, model: nn.Module, tokenizer):
         cfg = model.visual.preprocess_cfg
-        # open_clip's "shortest" mode is resize + centre crop; its other modes keep the whole picture.
-        preprocess = pixel_transform(cfg["size"], cfg["mean"], cfg["std"], cfg["interpolation"], center_crop=cfg["resize_mode"] == "shortest")
+        size = cfg["size"] if isinstance(cfg["size"], int) else tuple(cfg["size"])
+        square = (size, size) if isinstance(size, int) else size
+        # open_clip's "shortest" mode (its pretrained CLIPs') resizes the shorter side and cuts out the centre;
+        # the other modes keep the whole picture, here by squashing it to the square.
+        crop = square if cfg["resize_mode"] == "shortest" else None
+        preprocess = pixel_transform(size if crop else square, cfg["mean"], cfg["std"], cfg["interpolation"], crop=crop)
         super().__init__(preprocess, logit_scale=model.logit_scale.exp().item())
         self.model = model
         self.tokenizer = tokenizer
@@ -148,11 +152,12 @@ class TransformersClipEncoder(ClipEncoder):
             model = CLIPModel.from_pretrained(name_or_path)
             tokenizer, image_processor = load_processor(name_or_path)
         if image_processor is None:
-            preprocess = pixel_transform(model.config.vision_config.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+            side = model.config.vision_config.image_size
+            preprocess = pixel_transform(side, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, crop=side)
         else:
-            preprocess = pixel_transform(
-                image_processor.crop_size["height"], image_processor.image_mean, image_processor.image_std, interpolation_name(image_processor.resample)
-            )
+            crop = (image_processor.crop_size["height"], image_processor.crop_size["width"])
+            mode = interpolation_name(image_processor.resample)
+            preprocess = pixel_transform(image_processor.size["shortest_edge"], image_processor.image_mean, image_processor.image_std, mode, crop=crop)
         return cls(model, tokenizer, preprocess)
 
 

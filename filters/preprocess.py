@@ -19,19 +19,15 @@ def pixel_transform(
     mean: Sequence[float],
     std: Sequence[float],
     interpolation: str = "bicubic",
-    center_crop: bool = True,
+    crop: int | tuple[int, int] | None = None,
 ) -> nn.Module:
     """B x 3 x H x W in [0, 1] -> normalised model input.
 
-    With `center_crop` the shorter side is resized to `size` and the centre cut out (CLIP's processors);
-    without it the image is resized to exactly `size` (CLIPSeg's processor squashes to 352 x 352).
+    With `crop` the shorter side is resized to `size` and the centre `crop` cut out (CLIP's processors);
+    without, the image is resized to exactly `size` = (height, width) (CLIPSeg's squashes to 352 x 352).
     """
     mode = v2.InterpolationMode[interpolation.upper()]
-    if center_crop:
-        resize = [v2.Resize(size, interpolation=mode, antialias=True), v2.CenterCrop(size)]
-    else:
-        square = (size, size) if isinstance(size, int) else tuple(size)
-        resize = [v2.Resize(square, interpolation=mode, antialias=True)]
+    resize = [v2.Resize(size, interpolation=mode, antialias=True)] + ([v2.CenterCrop(crop)] if crop is not None else [])
     return v2.Compose([*resize, v2.Normalize(mean=list(mean), std=list(std))])
 
 
@@ -59,5 +55,5 @@ def load_processor(name_or_path: str):
         return not folder.is_dir() or any((folder / file).exists() for file in files)
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path) if saved("tokenizer.json", "vocab.json") else clip_tokenizer()
-    image_processor = AutoImageProcessor.from_pretrained(name_or_path) if saved("preprocessor_config.json") else None
+    image_processor = AutoImageProcessor.from_pretrained(name_or_path) if saved("preprocessor_config.json", "processor_config.json") else None
     return tokenizer, image_processor

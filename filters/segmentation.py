@@ -68,12 +68,11 @@ class ClipSegSegmenter(nn.Module):
             model = CLIPSegForImageSegmentation.from_pretrained(name_or_path)
             tokenizer, image_processor = load_processor(name_or_path)
         if image_processor is None:
-            preprocess = pixel_transform(model.config.vision_config.image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear", center_crop=False)
+            side = model.config.vision_config.image_size
+            preprocess = pixel_transform((side, side), IMAGENET_MEAN, IMAGENET_STD, "bilinear")
         else:
             size = (image_processor.size["height"], image_processor.size["width"])
-            preprocess = pixel_transform(
-                size, image_processor.image_mean, image_processor.image_std, interpolation_name(image_processor.resample), center_crop=False
-            )
+            preprocess = pixel_transform(size, image_processor.image_mean, image_processor.image_std, interpolation_name(image_processor.resample))
         return cls(model, tokenizer, preprocess, mask_threshold)
 
     @classmethod
@@ -97,7 +96,7 @@ class ClipSegSegmenter(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = CLIPSegForImageSegmentation(config).eval()
-        preprocess = pixel_transform(32, IMAGENET_MEAN, IMAGENET_STD, "bilinear", center_crop=False)
+        preprocess = pixel_transform((32, 32), IMAGENET_MEAN, IMAGENET_STD, "bilinear")
         return cls(model, clip_tokenizer(), preprocess, mask_threshold)
 
 

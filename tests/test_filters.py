@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from filters.clip_gain import ClipScorer, OpenClipEncoder, TransformersClipEncoder, clip_scores
+from filters.clip_gain import OpenClipEncoder, TransformersClipEncoder, clip_scores
 from filters.loading import MissingModelError
 from filters.score import PairScorer, build_scorer
 from filters.segmentation import ClipSegSegmenter, SegmentationScorer, mask_iou
@@ -125,27 +125,33 @@ def test_clipseg_mask_threshold_decides_the_overlap(tiny_scorer):
 
 
 def test_local_folders_load_like_the_toy_worlds_models(tmp_path, tiny_scorer):
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     from datagen.tokenizer import clip_tokenizer
 
+    # A CLIPModel saved with its processor (as toyworld/train.py saves one): features match transformers' own path.
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(text_config=dict(vocab_size=49408, **tower), vision_config=dict(image_size=32, patch_size=8, **tower), projection_dim=16))
-    model.save_pretrained(tmp_path / "clip")  # weights only, as a training script saves them
+    pixels = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = CLIPProcessor(image_processor=pixels, tokenizer=clip_tokenizer())
+    model.save_pretrained(tmp_path / "clip")
+    processor.save_pretrained(tmp_path / "clip")
     encoder = TransformersClipEncoder.from_pretrained(str(tmp_path / "clip"))
 
-    tokens = clip_tokenizer()(["a photo of a cat"], return_tensors="pt")
-    reference = F.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
-    assert torch.allclose(encoder.encode_texts(["a photo of a cat"]), reference, atol=1e-6)
-    scores = ClipScorer(encoder, "a photo of a cat", "a photo of a dog")(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32))
-    assert scores["clip_image"].shape == (2,) and scores["clip_image"].abs().max() <= 1
+    images = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(2)).float() / 255
+    reference = processor(text=["a photo of a cat"], images=[(255 * image).byte().permute(1, 2, 0).numpy() for image in images], return_tensors="pt")
+    with torch.no_grad():
+        text_reference = F.normalize(model.get_text_features(input_ids=reference.input_ids).pooler_output, dim=-1)
+        image_reference = F.normalize(model.get_image_features(pixel_values=reference.pixel_values).pooler_output, dim=-1)
+    torch.testing.assert_close(encoder.encode_texts(["a photo of a cat"]), text_reference)
+    torch.testing.assert_close(encoder.encode_images(images), image_reference, atol=1e-5, rtol=1e-4)
 
+    # A CLIPSeg saved with weights and config only: the real tokenizer and default preprocessing stand in.
     segmenter = tiny_scorer.scorers[0].segmenter
     segmenter.model.save_pretrained(tmp_path / "segmenter")
     reloaded = ClipSegSegmenter.from_pretrained(str(tmp_path / "segmenter"))
-    images = torch.rand(2, 3, 32, 32)
-    assert torch.allclose(reloaded.probabilities(images, ["cat", "dog"]), segmenter.probabilities(images, ["cat", "dog"]), atol=1e-6)
+    torch.testing.assert_close(reloaded.probabilities(images, ["cat", "dog"]), segmenter.probabilities(images, ["cat", "dog"]))
 
 
 @pytest.mark.parametrize(
