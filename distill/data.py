@@ -141,11 +141,14 @@ class PairStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if self.train:
+            # batches go round-robin over workers, so in a run from batch 0 worker w makes batches w, w + W, ...;
+            # a loader started at batch n begins with its worker 0, which must play worker n % W's part
+            worker = (worker + self.start_batch) % num_workers
         shards = self.urls[worker::num_workers]
         if not self.train:
             yield from (self.prepare(sample, 0) for sample in self.selected(shards, 0, worker))
             return
-        # batches go round-robin over workers, so worker w made batches w, w + num_workers, ...
         skip = len(range(worker, self.start_batch, num_workers)) * self.batch_size
         epoch = 0
         if skip:
