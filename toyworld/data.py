@@ -1,0 +1,73 @@
+"""Endless training batches drawn fresh from the renderer, and the text prompts the models learn."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from toyworld.render import render
+from toyworld.world import COLOURS, SHAPES, Scenes, captions, object_phrase, sample_scenes
+
+
+@dataclass
+class Batch:
+    scenes: Scenes
+    images: torch.Tensor     # N x 3 x S x S in [-1, 1]
+    masks: torch.Tensor      # N x 2 x S x S in [0, 1]
+    captions: list[str]
+
+
+def batches(batch_size: int, seed: int, device: torch.device, partial_prob: float = 0.0,
+            held_out: str = "exclude") -> Iterator[Batch]:
+    """Fresh scenes every step: no dataset to store, and nothing to overfit."""
+    rng = np.random.default_rng(seed)
+    while True:
+        scenes = sample_scenes(batch_size, rng, held_out=held_out)
+        images, masks = render(scenes, device)
+        yield Batch(scenes, images * 2 - 1, masks, captions(scenes, rng, partial_prob))
+
+
+class TokenCache:
+    """Token ids of captions, 77 long like SD's; a world of a few thousand captions tokenizes each once."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._ids = lru_cache(maxsize=None)(self._encode)
+
+    def _encode(self, text: str) -> torch.Tensor:
+        return self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids[0]
+
+    def __call__(self, texts: list[str], device: torch.device) -> torch.Tensor:
+        return torch.stack([self._ids(text) for text in texts]).to(device)
+
+
+def segmentation_prompts(scenes: Scenes, rng: np.random.Generator, masks: torch.Tensor,
+                         absent_prob: float = 0.25) -> tuple[list[str], torch.Tensor]:
+    """One referring phrase per scene and the union of the objects it fits (N x S x S).
+
+    A phrase states some of an object's words ("striped circle", "red shape with a dot"); words left
+    out do not constrain, so "circle" means every circle. With `absent_prob` the words are drawn at
+    random instead, often fitting nothing: the mask must then stay empty."""
+    phrases, targets = [], []
+    for i in range(len(scenes)):
+        k = rng.choice(np.flatnonzero(scenes.present[i]))
+        if rng.random() < absent_prob:
+            shape, colour = rng.integers(len(SHAPES)), rng.integers(len(COLOURS))
+            striped, dot = rng.random() < 0.3, rng.random() < 0.3
+        else:
+            shape, colour = scenes.shape[i, k], scenes.colour[i, k]
+            striped, dot = scenes.striped[i, k] & (rng.random() < 0.5), scenes.dot[i, k] & (rng.random() < 0.5)
+        say_shape, say_colour = rng.random() < 0.8, rng.random() < 0.5
+        phrases.append(object_phrase(SHAPES[shape] if say_shape else None, COLOURS[colour] if say_colour else None,
+                                     bool(striped), bool(dot)))
+        fits = scenes.present[i].copy()
+        fits &= (not say_shape) | (scenes.shape[i] == shape)
+        fits &= (not say_colour) | (scenes.colour[i] == colour)
+        fits &= (not striped) | scenes.striped[i]
+        fits &= (not dot) | scenes.dot[i]
+        targets.append((masks[i] * torch.as_tensor(fits, device=masks.device)[:, None, None]).amax(0))
+    return phrases, torch.stack(targets)

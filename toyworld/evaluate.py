@@ -1,0 +1,97 @@
+"""Validation figures of the toy world's models, each on scenes rendered fresh from its own seed."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+
+from toyworld.data import TokenCache
+from toyworld.render import render
+from toyworld.world import COLOURS, SHAPES, Scenes, captions, sample_scenes
+
+SHAPE_TEXTS = [f"a {shape}" for shape in SHAPES]
+COLOUR_TEXTS = [f"a {colour} shape" for colour in COLOURS]
+
+
+def _single_objects(n: int, seed: int, device: torch.device, held_out: str = "any") -> tuple[Scenes, torch.Tensor]:
+    scenes = sample_scenes(n, seed, two_object_prob=0.0, held_out=held_out)
+    return scenes, render(scenes, device)[0] * 2 - 1
+
+
+@torch.no_grad()
+def clip_classify(clip, tokens: TokenCache, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """Index of the text each image (in [-1, 1]) matches best."""
+    ids = tokens(texts, images.device)
+    return clip(input_ids=ids, pixel_values=images.to(clip.dtype)).logits_per_image.argmax(-1).cpu()
+
+
+@torch.no_grad()
+def clip_zero_shot(clip, tokens: TokenCache, n: int, seed: int, device: torch.device) -> dict[str, float]:
+    """Shape and colour accuracy of zero-shot prompts ("a star", "a red shape") on single objects."""
+    scenes, images = _single_objects(n, seed, device)
+    shape = clip_classify(clip, tokens, images, SHAPE_TEXTS).numpy()
+    colour = clip_classify(clip, tokens, images, COLOUR_TEXTS).numpy()
+    return {"clip_shape_acc": float((shape == scenes.shape[:, 0]).mean()),
+            "clip_colour_acc": float((colour == scenes.colour[:, 0]).mean())}
+
+
+@torch.no_grad()
+def vae_psnr(vae, n: int, seed: int, device: torch.device) -> dict[str, float]:
+    """Reconstruction PSNR (dB, images in [0, 1]) through the posterior mean."""
+    images = render(sample_scenes(n, seed, held_out="any"), device)[0] * 2 - 1
+    decoded = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
+    mse = ((decoded - images) / 2).pow(2).flatten(1).mean(1)
+    return {"vae_psnr_db": float((-10 * torch.log10(mse)).mean())}
+
+
+def diffusion_samples(pipeline: StableDiffusionPipeline, prompts: list[str], seed: int, steps: int = 50,
+                      guidance: float = 5.0) -> torch.Tensor:
+    """DDIM samples in [-1, 1] for prompts, through diffusers' own Stable Diffusion pipeline."""
+    generator = torch.Generator(pipeline.device).manual_seed(seed)
+    size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    images = pipeline(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                      generator=generator, output_type="pt").images
+    return images * 2 - 1
+
+
+@torch.no_grad()
+def diffusion_accuracy(pipeline: StableDiffusionPipeline, clip, tokens: TokenCache, n: int, seed: int,
+                       steps: int = 50, guidance: float = 5.0) -> tuple[dict[str, float], torch.Tensor, list[str]]:
+    """Samples for held-out captions (never trained on), judged by the toy CLIP: share with the caption's
+    shape, colour, and both. Returns the figures, the samples and their captions."""
+    scenes = sample_scenes(n, seed, two_object_prob=0.0, held_out="only")
+    prompts = captions(scenes)
+    images = diffusion_samples(pipeline, prompts, seed, steps, guidance)
+    shape = clip_classify(clip, tokens, images, SHAPE_TEXTS).numpy() == scenes.shape[:, 0]
+    colour = clip_classify(clip, tokens, images, COLOUR_TEXTS).numpy() == scenes.colour[:, 0]
+    figures = {"diffusion_shape_acc": float(shape.mean()), "diffusion_colour_acc": float(colour.mean()),
+               "diffusion_match": float((shape & colour).mean())}
+    return figures, images, prompts
+
+
+@torch.no_grad()
+def segmenter_iou(segmenter, tokens: TokenCache, n: int, seed: int, device: torch.device) -> dict[str, float]:
+    """Mean IoU of the mask for the first object's shape word ("circle") against all objects of that shape."""
+    scenes = sample_scenes(n, seed, held_out="any")
+    images, masks = render(scenes, device)
+    words = [SHAPES[s] for s in scenes.shape[:, 0]]
+    same_shape = torch.as_tensor(scenes.present & (scenes.shape == scenes.shape[:, :1]), device=device)
+    target = (masks * same_shape[..., None, None]).amax(1) > 0.5
+    logits = segmenter(input_ids=tokens(words, device), pixel_values=images * 2 - 1).logits
+    return {"segmenter_iou": float(masks_iou(logits > 0, target).mean())}
+
+
+@torch.no_grad()
+def captioner_exact_match(captioner, processor, n: int, seed: int, device: torch.device) -> dict[str, float]:
+    """Share of fresh renders whose greedy caption equals the full caption, word for word."""
+    scenes = sample_scenes(n, seed, held_out="any")
+    images = render(scenes, device)[0] * 2 - 1
+    ids = captioner.generate(pixel_values=images, max_new_tokens=30)
+    predicted = processor.batch_decode(ids, skip_special_tokens=True)
+    return {"captioner_exact_match": float(np.mean([p.strip() == c for p, c in zip(predicted, captions(scenes))]))}
+
+
+def masks_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of boolean masks N x H x W, per item."""
+    return (a & b).flatten(1).sum(1) / (a | b).flatten(1).sum(1).clamp_min(1)
+
