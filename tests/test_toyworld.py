@@ -1,0 +1,189 @@
+"""The toy world: renderer, captions and splits on constructed scenes; the committed models' quality."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from omegaconf import OmegaConf
+from transformers import (BlipForConditionalGeneration, BlipProcessor, CLIPModel, CLIPSegForImageSegmentation,
+                          CLIPTextModel, CLIPTokenizer)
+
+from toyworld import evaluate
+from toyworld.data import TokenCache, segmentation_prompts
+from toyworld.render import render
+from toyworld.sentences import BANKS, SENTENCES
+from toyworld.train import WEIGHTS
+from toyworld.world import COLOURS, SHAPES, caption, captions, is_held_out, sample_scenes
+
+CPU = torch.device("cpu")
+TASKS = Path(__file__).resolve().parent.parent / "conf" / "task"
+
+
+def one_object(shape: str = "circle", colour: str = "red", striped: bool = False, dot: bool = False,
+               outline: bool = False, background: int = 0, dark: bool = True, radius: float = 8.0, size: int = 32):
+    """A single object centred in the image, every attribute chosen."""
+    scenes = sample_scenes(1, 0, size=size, two_object_prob=0.0, held_out="any")
+    scenes.shape[:] = SHAPES.index(shape)
+    scenes.colour[:] = COLOURS.index(colour)
+    scenes.striped[:], scenes.dot[:], scenes.outline[:] = striped, dot, outline
+    scenes.background[:], scenes.dark[:] = background, dark
+    scenes.centre[:] = size / 2
+    scenes.radius[:] = radius
+    return scenes
+
+
+# ---------------------------------------------------------------- renderer and captions
+def test_same_seed_same_images_other_seed_other_images():
+    a, a_masks = render(sample_scenes(8, 3))
+    b, b_masks = render(sample_scenes(8, 3))
+    c, _ = render(sample_scenes(8, 4))
+    assert torch.equal(a, b) and torch.equal(a_masks, b_masks)
+    assert (a - c).abs().mean() > 0.05
+    assert a.shape == (8, 3, 32, 32) and 0 <= a.min() and a.max() <= 1
+
+
+@pytest.mark.parametrize("shape, area", [("circle", math.pi * 64), ("square", 2 * (1.2 * 8) ** 2)])
+def test_mask_area_is_the_shapes_area(shape: str, area: float):
+    _, masks = render(one_object(shape, radius=8.0, size=64))
+    assert masks[0, 0].sum().item() == pytest.approx(area, rel=0.02)
+    assert masks[0, 1].sum() == 0  # no second object
+
+
+def test_outline_keeps_the_mask_but_shows_the_background_inside():
+    filled, masks = render(one_object(outline=False))
+    outline, outline_masks = render(one_object(outline=True))
+    assert torch.equal(masks, outline_masks)
+    centre = (slice(None), 16, 16)
+    assert torch.allclose(outline[0][centre], outline[0][:, 1, 1], atol=0.02)    # background inside the stroke
+    assert not torch.allclose(filled[0][centre], filled[0][:, 1, 1], atol=0.2)
+
+
+def test_stripes_and_dot_change_only_pixels_inside_the_object():
+    plain, masks = render(one_object())
+    for changed in (one_object(striped=True), one_object(dot=True)):
+        image, _ = render(changed)
+        differs = (image - plain).abs().amax(1)[0] > 1e-4
+        assert differs.any() and (masks[0, 0][differs] > 0).all()
+
+
+def test_caption_grammar():
+    scenes = one_object("circle", "red", striped=True, dot=True, outline=True, background=1, dark=True)
+    assert caption(scenes, 0) == "an outline drawing of a red striped circle with a dot on a dark gradient background"
+    scenes = one_object("star", "orange", background=0, dark=False)
+    assert caption(scenes, 0) == "an orange star on a light background"
+    two = sample_scenes(200, 0, two_object_prob=1.0, held_out="any")
+    assert all(" and " in text for text in captions(two))
+
+
+def test_partial_captions_keep_stripes_dot_and_style():
+    scenes = one_object("square", "blue", striped=True, dot=True, outline=True)
+    rng = np.random.default_rng(0)
+    texts = {caption(scenes, 0, rng, partial_prob=1.0) for _ in range(200)}
+    assert len(texts) > 5
+    assert all(t.startswith("an outline drawing of a") and "striped" in t and "with a dot" in t for t in texts)
+
+
+def test_held_out_descriptions_never_reach_training():
+    train = sample_scenes(4000, 0)
+    held = sample_scenes(200, 1, held_out="only")
+    assert not is_held_out(train).any() and is_held_out(held).all()
+    train_texts, held_texts = set(captions(train)), set(captions(held))
+    assert not train_texts & held_texts
+    share = is_held_out(sample_scenes(4000, 2, two_object_prob=0.0, held_out="any")).mean()
+    assert 0.05 < share < 0.15
+
+
+def test_segmentation_prompt_targets_are_the_objects_the_words_fit():
+    scenes = sample_scenes(300, 5, two_object_prob=1.0, held_out="any")
+    _, masks = render(scenes)
+    phrases, targets = segmentation_prompts(scenes, np.random.default_rng(0), masks)
+    for i, phrase in enumerate(phrases):
+        words = phrase.split()
+        fits = [k for k in range(2) if ("shape" in words or SHAPES[scenes.shape[i, k]] in words)
+                and all(c not in words or COLOURS[scenes.colour[i, k]] == c for c in COLOURS)
+                and ("striped" not in words or scenes.striped[i, k]) and ("dot" not in words or scenes.dot[i, k])]
+        expected = masks[i, fits].amax(0) if fits else torch.zeros(32, 32)
+        assert torch.equal(targets[i], expected), phrase
+
+
+# ---------------------------------------------------------------- sentence banks and task configs
+@pytest.mark.parametrize("name", ["circle2square", "plain2striped", "circle2circle_dot", "outline2filled"])
+def test_toy_task_banks_exist_and_hold_200_distinct_sentences(name: str):
+    task = OmegaConf.load(TASKS / f"{name}.yaml")
+    for bank in (task.source_bank, task.target_bank):
+        lines = (SENTENCES / f"{bank}.txt").read_text().splitlines()
+        assert len(set(lines)) == len(lines) >= 200
+        attributes, word = BANKS[bank]
+        assert word is None or all(word in line.split() for line in lines)
+    source, target = ((SENTENCES / f"{b}.txt").read_text() for b in (task.source_bank, task.target_bank))
+    if name == "circle2square":
+        assert "square" not in source and "circle" not in target
+    if name == "outline2filled":
+        assert all(s.startswith("an outline") for s in source.splitlines()) and "outline" not in target
+
+
+# ---------------------------------------------------------------- the committed, trained world
+needs_weights = pytest.mark.skipif(not (WEIGHTS / "unet").exists(), reason="toyworld/weights not trained yet")
+
+
+@pytest.fixture(scope="module")
+def world():
+    load = dict(torch_dtype=torch.float32)
+    return dict(
+        clip=CLIPModel.from_pretrained(WEIGHTS / "clip", **load).eval(),
+        tokens=TokenCache(CLIPTokenizer.from_pretrained(WEIGHTS, subfolder="tokenizer")),
+        vae=AutoencoderKL.from_pretrained(WEIGHTS, subfolder="vae", **load).eval(),
+    )
+
+
+@needs_weights
+def test_weights_fit_the_budget_and_tokenizer_matches_sd():
+    total = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
+    assert total <= 25e6, total
+    tokenizer = CLIPTokenizer.from_pretrained(WEIGHTS, subfolder="tokenizer")
+    ids = tokenizer("a red circle", padding="max_length", max_length=77).input_ids
+    assert len(ids) == 77 and ids[0] == 49406 and ids[-1] == 49407 and tokenizer.model_max_length == 77
+
+
+@needs_weights
+def test_clip_zero_shot_shape_and_colour(world):
+    figures = evaluate.clip_zero_shot(world["clip"], world["tokens"], 128, seed=1000, device=CPU)
+    assert figures["clip_shape_acc"] >= 0.9 and figures["clip_colour_acc"] >= 0.9, figures
+
+
+@needs_weights
+def test_vae_reconstructs(world):
+    assert evaluate.vae_psnr(world["vae"], 64, seed=1001, device=CPU)["vae_psnr_db"] >= 25
+
+
+@needs_weights
+def test_diffusion_draws_held_out_captions(world):
+    """Held-out captions through diffusers' own pipeline, loaded from the folder as the engine loads SD."""
+    load = dict(torch_dtype=torch.float32)
+    pipeline = StableDiffusionPipeline(
+        vae=world["vae"], text_encoder=CLIPTextModel.from_pretrained(WEIGHTS, subfolder="text_encoder", **load),
+        tokenizer=world["tokens"].tokenizer, unet=UNet2DConditionModel.from_pretrained(WEIGHTS, subfolder="unet", **load),
+        scheduler=DDIMScheduler.from_pretrained(WEIGHTS, subfolder="scheduler"), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    assert pipeline.vae_scale_factor == 2
+    figures, _, _ = evaluate.diffusion_accuracy(pipeline, world["clip"], world["tokens"], 16, seed=1002, steps=20)
+    assert figures["diffusion_match"] >= 0.7, figures
+
+
+@needs_weights
+def test_segmenter_finds_the_named_shape(world):
+    segmenter = CLIPSegForImageSegmentation.from_pretrained(WEIGHTS / "segmenter", torch_dtype=torch.float32).eval()
+    assert evaluate.segmenter_iou(segmenter, world["tokens"], 64, seed=1003, device=CPU)["segmenter_iou"] >= 0.7
+
+
+@needs_weights
+def test_captioner_writes_the_caption():
+    captioner = BlipForConditionalGeneration.from_pretrained(WEIGHTS / "captioner", torch_dtype=torch.float32).eval()
+    processor = BlipProcessor.from_pretrained(WEIGHTS / "captioner")
+    figures = evaluate.captioner_exact_match(captioner, processor, 32, seed=1004, device=CPU)
+    assert figures["captioner_exact_match"] >= 0.5, figures
