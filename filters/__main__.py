@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from datagen.backbone import resolve_device, resolve_dtype
+from datagen.shards import finished_shards
 from filters.apply import filter_run
 from filters.loading import MissingModelError
 from filters.report import count_filters, write_report
@@ -28,10 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     config_path = args.run_dir / "config.yaml"
     if not config_path.exists():
         parser.error(f"{config_path} not found: DIR must be a generation run's output directory")
+    if not finished_shards(args.run_dir):
+        parser.error(f"{args.run_dir} has no finished shards yet (none recorded in its manifest.jsonl)")
     run = OmegaConf.load(config_path)
-    options = OmegaConf.create(
-        {"thresholds": run.task.thresholds, "device": "auto", "dtype": "auto", "batch_size": 16}
-    )
+    options = OmegaConf.create({"thresholds": run.task.thresholds, "device": "auto", "dtype": "auto", "batch_size": 16})
     OmegaConf.set_struct(options, True)
     OmegaConf.set_struct(options.thresholds, False)  # any score may be thresholded, not only the task's
     try:
@@ -39,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     except OmegaConfBaseException as error:
         parser.error(f"bad override: {error}")
     thresholds = OmegaConf.to_container(options.thresholds)
-
     device = resolve_device(options.device)
 
     def make_scorer():

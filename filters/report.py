@@ -80,11 +80,13 @@ def _histogram(name: str, values: list, minimum: float | None, path: Path) -> No
     finite = [value for value in values if _finite(value)]
     figure = Figure(figsize=(5, 3), layout="constrained")
     axes = figure.subplots()
-    axes.hist(finite, bins=40, color="tab:blue")
+    # Bins over the values and the threshold together: a threshold far from the data must not squash the bars.
+    span = finite + ([minimum] if minimum is not None else [])
+    axes.hist(finite, bins=40, range=(min(span), max(span)) if span else None, color="tab:blue")
     if minimum is not None:
         passed = sum(value >= minimum for value in finite)
         axes.axvline(minimum, color="tab:red", linestyle="--", label=f">= {minimum:g}: {passed} of {len(values)} pass")
-        axes.legend(loc="upper left")
+        axes.legend(loc="best")
     axes.set_title(f"{name} ({len(values) - len(finite)} undefined)" if len(finite) < len(values) else name)
     axes.set_xlabel(name)
     axes.set_ylabel("pairs")

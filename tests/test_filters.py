@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from filters.clip_gain import OpenClipEncoder, TransformersClipEncoder, clip_scores
 from filters.loading import MissingModelError
-from filters.score import PairScorer, build_scorer
+from filters.score import PairScorer, build_scorer, segmentation_words
 from filters.segmentation import ClipSegSegmenter, SegmentationScorer, mask_iou
 from filters.thresholds import judge
 
@@ -86,6 +86,13 @@ def test_clip_scores_follow_the_documented_formulas():
     assert scores["clip_gain"][1].item() == 0.0
     assert scores["clip_direction"][1].item() == 0.0
     assert scores["clip_image"][1].item() == pytest.approx(1.0)
+
+
+def test_segmentation_words_come_from_the_task():
+    task = OmegaConf.load(CONF / "task" / "cat2cat_glasses.yaml")
+    assert segmentation_words(task) == ("cat", "cat wearing glasses")
+    assert segmentation_words(OmegaConf.merge(task, {"seg_words": {"source": "cat", "target": "cat"}})) == ("cat", "cat")
+    assert segmentation_words(OmegaConf.merge(task, {"seg_words": None})) is None  # e.g. a style task: CLIP only
 
 
 @pytest.fixture(scope="module")
