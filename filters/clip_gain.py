@@ -111,9 +111,11 @@ class OpenClipEncoder(ClipEncoder):
         """`name` is an open_clip architecture (or `hf-hub:`/`local-dir:` source); `pretrained` a tag or checkpoint file."""
         import open_clip
 
+        # Tags trained with QuickGELU (OpenAI's) only warn and build plain GELU unless told: features would be off.
+        quick_gelu = bool(pretrained and open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu"))
         # open_clip reports a failed download or an unknown tag as RuntimeError.
         with explain_missing(f"open_clip {name} ({pretrained})", errors=(OSError, RuntimeError)):
-            model = open_clip.create_model(name, pretrained=pretrained)
+            model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu)
         return cls(model, open_clip.get_tokenizer(name))
 
     @classmethod
