@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -14,6 +15,10 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
+
+# LPIPS stays in eval mode on purpose, and checkpoints are meant to hold the weights after the step
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def train(cfg: DictConfig) -> pl.Trainer:
@@ -28,7 +33,7 @@ def train(cfg: DictConfig) -> pl.Trainer:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if cfg.ckpt_path is None:
         trainer.validate(module, datamodule=datamodule)  # the starting point, logged at step 0
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     # periodic checkpoints need not fall on the last step
     trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
     return trainer

@@ -27,18 +27,18 @@ def png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_pair_shards(out_dir: Path, count: int = 8, per_shard: int = 4, target=lambda x: 255 - x,
-                      scores=lambda i: {"seg_iou": i / 10, "clip_gain": 0.2}, seed: int = 0) -> Path:
+def write_pair_shards(out_dir: Path, count: int = 8, per_shard: int = 4, resolution: int = RESOLUTION,
+                      target=lambda x: 255 - x, scores=lambda i: {"seg_iou": i / 10, "clip_gain": 0.2}) -> Path:
     """A generation output directory in the shard contract: shards/pairs-NNNNNN.tar and config.yaml.
 
     Pair i has input x_i (smooth random), edited target(x_i) (default: inverted colours) and scores(i).
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     (out_dir / "shards").mkdir(parents=True)
     for first in range(0, count, per_shard):
         with wds.TarWriter(str(out_dir / "shards" / f"pairs-{first // per_shard:06d}.tar")) as writer:
             for i in range(first, min(count, first + per_shard)):
-                image = smooth_image(rng)
+                image = smooth_image(rng, resolution)
                 key = f"{i:09d}"
                 meta = {"key": key, "task": "invert", "seed": i, "scores": scores(i)}
                 writer.write({"__key__": key, "input.png": png(image), "edited.png": png(target(image)),

@@ -1,0 +1,120 @@
+"""Distillation runs end to end on tiny shards (CPU, small generator, random-trunk LPIPS): learning,
+exact resume, loggers, checkpoints an export can read, and the stop on a non-finite loss."""
+import csv
+import urllib.error
+from pathlib import Path
+
+import lpips.pretrained_networks
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+from test_distill_data import validation_stream, write_pair_shards
+
+from distill.data import shard_urls
+from distill.losses import MissingWeightsError, build_lpips
+from distill.module import NonFiniteLossError
+from distill.training import train
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+RESOLUTION = 64  # the small generator's
+NO_AUGMENTATION = ["data.augment.crop_scale=[1,1]", "data.augment.flip=false", "data.augment.brightness=0",
+                   "data.augment.contrast=0", "data.augment.saturation=0", "data.augment.hue=0",
+                   "data.augment.noise_std=0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two threads on two shared cores run several times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_config(data_dir: Path, out_dir: Path, *overrides: str):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=["experiment=smoke", f"data.path={data_dir}", f"out_dir={out_dir}",
+                                           *overrides])
+
+
+def validation_l1(metrics_csv: Path) -> list[tuple[int, float]]:
+    with open(metrics_csv) as f:
+        return [(int(row["step"]), float(row["val/l1"])) for row in csv.DictReader(f) if row["val/l1"]]
+
+
+def test_small_generator_overfits_eight_pairs_and_logs(tmp_path):
+    pairs = write_pair_shards(tmp_path / "gen", count=8, resolution=RESOLUTION)  # target: inverted colours
+    run = tmp_path / "run"
+    steps = 40
+    cfg = run_config(pairs, run, f"data.val_path={pairs}", "data.thresholds={}", "data.batch_size=8", *NO_AUGMENTATION,
+                     "distill.lpips_weight=0", "distill.adversarial_weight=0", "distill.ema_half_life=16",
+                     f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps // 2}",
+                     f"callbacks.periodic.every_n_train_steps={steps // 2}", "logger=[csv,wandb]")
+    train(cfg)
+
+    curve = validation_l1(run / "csv" / "metrics.csv")
+    print("validation L1 (step, value):", curve)
+    (first_step, first), (_, last) = curve[0], curve[-1]
+    assert first_step == 0 and len(curve) == 3
+    assert last <= 0.5 * first
+
+    # the loggers and the run directory
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert (run / "config.yaml").is_file() and OmegaConf.load(run / "config.yaml").data.path == str(pairs)
+    grids = sorted((run / "samples").glob("step-*.png"))
+    assert len(grids) == 3
+    # one row per pair: input | teacher | student
+    assert Image.open(grids[-1]).size == (3 * RESOLUTION + 4 * 2, 8 * RESOLUTION + 9 * 2)
+    assert {p.name for p in (run / "checkpoints").iterdir()} >= {"last.ckpt", "best.ckpt", f"step-{steps // 2:07d}.ckpt"}
+
+    # an export rebuilds the EMA generator from the checkpoint alone, and gets the last validation's L1
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    generator = instantiate(checkpoint["hyper_parameters"]["generator"]).eval()
+    generator.load_state_dict({k.removeprefix("G_ema."): v for k, v in checkpoint["state_dict"].items()
+                               if k.startswith("G_ema.")})
+    errors = []
+    for sample in validation_stream(shard_urls(str(pairs)), {}):
+        with torch.no_grad():
+            output = generator(sample["input"][None])[0]
+        errors.append((output - sample["target"]).abs().mean())
+    assert torch.stack(errors).mean().item() == pytest.approx(last, abs=1e-5)
+
+
+def test_resume_continues_exactly_and_a_nan_loss_stops_the_run(tmp_path):
+    pairs = write_pair_shards(tmp_path / "gen", count=8, per_shard=3, resolution=RESOLUTION)
+    # everything on: augmentation, LPIPS, adversarial loss with R1 every other step, dropout, EMA
+    common = ["data.batch_size=2", "distill.r1_interval=2", "distill.ema_half_life=8", "logger=[]"]
+    train(run_config(pairs, tmp_path / "unbroken", *common, "trainer.max_steps=5"))
+    train(run_config(pairs, tmp_path / "resumed", *common, "trainer.max_steps=3"))
+    last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    train(run_config(pairs, tmp_path / "resumed", *common, "trainer.max_steps=5", f"resume={last}"))
+
+    unbroken = torch.load(tmp_path / "unbroken" / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] == unbroken["global_step"] == 5
+    assert unbroken["state_dict"].keys() == resumed["state_dict"].keys()
+    assert any(k.startswith("D.") for k in resumed["state_dict"])
+    for name, tensor in unbroken["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], tensor, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(resumed["optimizer_states"], unbroken["optimizer_states"], rtol=0, atol=0)
+
+    # infinite input noise makes the losses NaN at the first step after resuming: the run stops, names
+    # the step and the checkpoint to go back to, and writes no checkpoint with NaN weights
+    with pytest.raises(NonFiniteLossError, match=rf"step 5 .*Last good checkpoint: {last}"):
+        train(run_config(pairs, tmp_path / "resumed", *common, "trainer.max_steps=7", f"resume={last}",
+                         "data.augment.noise_std=inf"))
+    after = torch.load(last, weights_only=True)
+    assert after["global_step"] == 5
+    assert all(torch.isfinite(t).all() for t in after["state_dict"].values() if t.is_floating_point())
+
+
+def test_missing_vgg_weights_name_the_file_and_the_offline_option(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(lpips.pretrained_networks.tv, "vgg16", no_network)
+    with pytest.raises(MissingWeightsError, match=r"vgg16-397923af\.pth.*distill\.lpips_pretrained_vgg=false"):
+        build_lpips(pretrained_vgg=True)
