@@ -178,30 +178,31 @@ class PairStream(IterableDataset):
         if self.train:
             shards = random.Random(stable_seed(self.seed, "shards", epoch, worker)).sample(shards, len(shards))
         samples = wds.tarfile_to_samples()({"url": url} for url in shards)
-        kept = itertools.islice(self.select(samples, report=not quiet and epoch == 0 and self.rank == 0),
-                                self.rank, None, self.world_size)
+        report = f"{len(shards)} shards of worker {worker}" if not quiet and epoch == 0 and self.rank == 0 else None
+        kept = itertools.islice(self.select(samples, report), self.rank, None, self.world_size)
         if self.train:
             kept = wds.shuffle(self.shuffle_buffer, seed=stable_seed(self.seed, "buffer", epoch, self.rank, worker))(kept)
         return kept
 
-    def select(self, samples: Iterator[dict], report: bool) -> Iterator[dict]:
+    def select(self, samples: Iterator[dict], report: str | None) -> Iterator[dict]:
+        """Pairs of this split that pass the thresholds; with `report`, logs the counts once they are known."""
         counts: Counter[str] = Counter()
         for sample in samples:
             counts["read"] += 1
             if self.holdout is not None and self.is_held_out(sample["__key__"]) != self.holdout:
                 continue
             counts["offered"] += 1
-            scores = json.loads(sample["json"]).get("scores", {})
-            kept, reasons = passes(scores, self.thresholds)
-            counts.update(reason.split(":")[0] for reason in reasons)
+            kept, reasons = passes(json.loads(sample["json"]).get("scores", {}), self.thresholds)
+            counts.update(f"failed {reason.split(':')[0]}" for reason in reasons)
             if kept:
                 counts["kept"] += 1
                 yield sample
         if report:
-            rejected = {name: n for name, n in counts.items() if name not in ("read", "offered", "kept")}
-            log.info("%s pairs: kept %d of %d read from %d shards (thresholds %s, failed %s)",
-                     "training" if self.train else "validation", counts["kept"], counts["read"],
-                     len(self.urls), self.thresholds, rejected)
+            failed = {name: n for name, n in counts.items() if name.startswith("failed")}
+            other_split = f", {counts['read'] - counts['offered']} belong to the other split" if self.holdout is not None else ""
+            log.info("%s pairs: kept %d of %d read from %s%s (thresholds %s: %s)",
+                     "training" if self.train else "validation", counts["kept"], counts["read"], report, other_split,
+                     self.thresholds, failed or "none failed")
 
     def prepare(self, sample: dict, epoch: int) -> dict:
         image, target = self.decode("input.png", sample["input.png"]), self.decode("edited.png", sample["edited.png"])

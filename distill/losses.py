@@ -6,6 +6,7 @@ Images are B x 3 x R x R in [-1, 1]; losses are means over the batch.
 from __future__ import annotations
 
 import urllib.error
+import warnings
 
 import lpips
 import torch
@@ -21,7 +22,9 @@ def build_lpips(pretrained_vgg: bool = True) -> nn.Module:
     """Frozen LPIPS(VGG). The linear heads ship with the `lpips` package; the VGG16 trunk is torchvision's
     ImageNet weights (downloaded once into $TORCH_HOME), or random with `pretrained_vgg=False`."""
     try:
-        net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=not pretrained_vgg, verbose=False)
+        with warnings.catch_warnings():  # lpips calls torchvision's deprecated `pretrained=` argument
+            warnings.simplefilter("ignore", UserWarning)
+            net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=not pretrained_vgg, verbose=False)
     except (urllib.error.URLError, OSError) as error:
         raise MissingWeightsError(
             f"LPIPS needs torchvision's ImageNet VGG16 weights (vgg16-397923af.pth) and could not download "

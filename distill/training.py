@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
@@ -25,6 +26,8 @@ def train(cfg: DictConfig) -> pl.Trainer:
     """Fit the student on the pairs of `cfg.data`; the final state is `out_dir/checkpoints/last.ckpt`."""
     out_dir = Path(cfg.out_dir)
     save_config(cfg, out_dir / "config.yaml")
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.distill)
@@ -35,7 +38,7 @@ def train(cfg: DictConfig) -> pl.Trainer:
         trainer.validate(module, datamodule=datamodule)  # the starting point, logged at step 0
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     # periodic checkpoints need not fall on the last step
-    trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt", weights_only=False)  # with optimizer and loops
     return trainer
 
 
