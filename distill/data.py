@@ -118,14 +118,14 @@ class PairAugment:
 
 
 class PairStream(IterableDataset):
-    """Batches' worth of {"input", "target", "key"} samples, images 3 x R x R in [-1, 1]; see the module doc.
+    """Samples {"input", "target", "key"}, images 3 x R x R in [-1, 1], as the module doc describes.
 
     `holdout` picks a fixed share of keys for validation: True keeps only those, False drops them,
     None ignores the split. `rank`, `world_size` and `start_batch` are set by the data module before
     the loader starts, `start_batch` being the number of batches of this rank already trained on.
     """
 
-    def __init__(self, urls: Sequence[str], thresholds: Mapping[str, float | None], transform,
+    def __init__(self, urls: Sequence[str], thresholds: Mapping[str, float | None], transform: PairAugment,
                  train: bool, seed: int = 0, shuffle_buffer: int = 1000, holdout: bool | None = None,
                  holdout_fraction: float = 0.0, batch_size: int = 1):
         super().__init__()
@@ -206,10 +206,7 @@ class PairStream(IterableDataset):
 
     def prepare(self, sample: dict, epoch: int) -> dict:
         image, target = self.decode("input.png", sample["input.png"]), self.decode("edited.png", sample["edited.png"])
-        if self.train:
-            image, target = self.transform(image, target, stable_seed(self.seed, "augment", epoch, sample["__key__"]))
-        else:
-            image, target = self.transform(image), self.transform(target)
+        image, target = self.transform(image, target, stable_seed(self.seed, "augment", epoch, sample["__key__"]))
         return {"input": image * 2 - 1, "target": target * 2 - 1, "key": sample["__key__"]}
 
 
@@ -243,8 +240,9 @@ class PairDataModule(pl.LightningDataModule):
         self.train_set = PairStream(urls, self.thresholds, self.augment, train=True, seed=self.seed,
                                     shuffle_buffer=self.shuffle_buffer, holdout=None if self.val_path else False,
                                     holdout_fraction=self.holdout_fraction, batch_size=self.batch_size)
+        resize = PairAugment(self.resolution, crop_scale=(1.0, 1.0), flip=False)  # no randomness left
         self.val_set = PairStream(shard_urls(self.val_path) if self.val_path else urls, self.thresholds,
-                                  v2.Resize(self.resolution, antialias=True), train=False, holdout=held_out,
+                                  resize, train=False, holdout=held_out,
                                   holdout_fraction=self.holdout_fraction)
 
     def train_dataloader(self) -> DataLoader:

@@ -122,13 +122,14 @@ class DistillModule(pl.LightningModule):
                       prog_bar=False, batch_size=image.shape[0])
 
     def check_finite(self, losses: dict[str, Tensor]) -> None:
+        """Raise NonFiniteLossError on every rank if any rank's losses are NaN or infinite (one sync per step)."""
         finite = bool(torch.stack([loss.detach().float() for loss in losses.values()]).isfinite().all())
         if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             return
         values = ", ".join(f"{name}={loss.item():.4g}" for name, loss in losses.items())
         where = values if not finite else "on another rank"
         checkpoints = [c.last_model_path or c.best_model_path for c in self.trainer.checkpoint_callbacks]
-        last_good = next((path for path in checkpoints if path), None)
+        last_good = next((path for path in checkpoints if path), self.trainer.ckpt_path)
         raise NonFiniteLossError(
             f"non-finite loss at step {self.global_step} ({where}); stopped before updating the weights. "
             + (f"Last good checkpoint: {last_good} (continue with resume={last_good}, e.g. with a lower "

@@ -57,8 +57,8 @@ def keys_of(stream, n=None) -> list[str]:
     return [next(samples)["key"] for _ in range(n)] if n else [sample["key"] for sample in samples]
 
 
-def validation_stream(urls, thresholds, holdout=None, fraction=0.0) -> PairStream:
-    return PairStream(urls, thresholds, torch.nn.Identity(), train=False, holdout=holdout, holdout_fraction=fraction)
+def validation_stream(urls, thresholds, resolution=RESOLUTION) -> PairStream:
+    return PairStream(urls, thresholds, PairAugment(resolution, crop_scale=(1, 1), flip=False), train=False)
 
 
 def test_thresholds_select_exactly_the_passing_pairs(pairs):

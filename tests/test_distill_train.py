@@ -76,7 +76,7 @@ def test_small_generator_overfits_eight_pairs_and_logs(tmp_path):
     generator.load_state_dict({k.removeprefix("G_ema."): v for k, v in checkpoint["state_dict"].items()
                                if k.startswith("G_ema.")})
     errors = []
-    for sample in validation_stream(shard_urls(str(pairs)), {}):
+    for sample in validation_stream(shard_urls(str(pairs)), {}, RESOLUTION):
         with torch.no_grad():
             output = generator(sample["input"][None])[0]
         errors.append((output - sample["target"]).abs().mean())
