@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from transformers import (BlipForConditionalGeneration, BlipProcessor, CLIPModel, CLIPSegForImageSegmentation,
                           CLIPTextModel, CLIPTokenizer)
 
+from datagen.tokenizer import clip_tokenizer
 from toyworld import evaluate
 from toyworld.data import TokenCache, segmentation_prompts
 from toyworld.render import render
@@ -187,3 +188,10 @@ def test_captioner_writes_the_caption():
     processor = BlipProcessor.from_pretrained(WEIGHTS / "captioner")
     figures = evaluate.captioner_exact_match(captioner, processor, 32, seed=1004, device=CPU)
     assert figures["captioner_exact_match"] >= 0.5, figures
+
+
+def test_token_cache_equals_the_tokenizer():
+    tokenizer = clip_tokenizer()
+    texts = captions(sample_scenes(64, 9), np.random.default_rng(0), partial_prob=0.5) + [""]
+    expected = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(TokenCache(tokenizer)(texts, CPU), expected)

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
 
 from toyworld.render import render
-from toyworld.world import COLOURS, SHAPES, Scenes, captions, object_phrase, sample_scenes
+from toyworld.world import COLOURS, SHAPES, Scenes, captions, is_held_out, object_phrase, sample_scenes
 
 
 @dataclass
@@ -21,28 +20,46 @@ class Batch:
 
 
 def batches(batch_size: int, seed: int, device: torch.device, partial_prob: float = 0.0,
-            held_out: str = "exclude") -> Iterator[Batch]:
-    """Fresh scenes every step: no dataset to store, and nothing to overfit."""
+            held_out: str = "exclude", twins: bool = False) -> Iterator[Batch]:
+    """Fresh scenes every step: no dataset to store, and nothing to overfit.
+
+    `twins`: half the batch are copies of the other half with another shape or colour. A contrastive
+    model can then not tell captions apart by background and stripes alone, and must learn shapes."""
     rng = np.random.default_rng(seed)
     while True:
-        scenes = sample_scenes(batch_size, rng, held_out=held_out)
+        scenes = sample_scenes(batch_size // 2 if twins else batch_size, rng, held_out=held_out)
+        if twins:
+            scenes = scenes.concat(scenes.twins(rng))
+            scenes = scenes[~is_held_out(scenes)] if held_out == "exclude" else scenes
         images, masks = render(scenes, device)
         yield Batch(scenes, images * 2 - 1, masks, captions(scenes, rng, partial_prob))
 
 
 class TokenCache:
-    """Token ids of captions, 77 long like SD's; a world of a few thousand captions tokenizes each once."""
+    """Token ids of captions, 77 long like SD's, assembled from cached ids of each word.
+
+    CLIP's BPE never merges across spaces, so a caption of lower-case words tokenizes as the concatenation
+    of its words' tokens: looking words up is ~100x cheaper than tokenizing every fresh caption (which
+    would cost more than a GPU training step). The tests check the equality."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self._ids = lru_cache(maxsize=None)(self._encode)
+        self._words: dict[str, list[int]] = {}
 
-    def _encode(self, text: str) -> torch.Tensor:
-        return self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids[0]
+    def _word_ids(self, words: set[str]) -> None:
+        new = sorted(words - self._words.keys())
+        if new:
+            self._words.update(zip(new, self.tokenizer(new, add_special_tokens=False).input_ids))
 
     def __call__(self, texts: list[str], device: torch.device) -> torch.Tensor:
-        return torch.stack([self._ids(text) for text in texts]).to(device)
+        split = [text.split() for text in texts]
+        self._word_ids({word for words in split for word in words})
+        length, bos, eos = self.tokenizer.model_max_length, self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        rows = []
+        for words in split:
+            tokens = ([bos] + [i for word in words for i in self._words[word]])[: length - 1] + [eos]
+            rows.append(tokens + [self.tokenizer.pad_token_id] * (length - len(tokens)))
+        return torch.tensor(rows, device=device)
 
 
 def segmentation_prompts(scenes: Scenes, rng: np.random.Generator, masks: torch.Tensor,

@@ -51,6 +51,16 @@ class TrainConfig:
     eval_diffusion_size: int = 128
 
 
+def preset(name: str, **overrides) -> TrainConfig:
+    """"gpu": the step counts sized for one H100 in ~10 minutes. "cpu": smaller batches and fewer steps for
+    a 2-core CPU in ~40 minutes (weaker models; see README for the figures of each)."""
+    if name == "cpu":
+        overrides = dict(clip=Stage(600, 128, 2e-3), vae=Stage(400, 64, 1e-3), unet=Stage(1500, 64, 1e-3),
+                         segmenter=Stage(300, 64, 1e-3), captioner=Stage(300, 64, 1e-3), eval_size=256,
+                         eval_diffusion_size=64, **overrides)
+    return TrainConfig(**overrides)
+
+
 class Progress:
     def __init__(self, name: str, steps: int) -> None:
         self.name, self.steps, self.start = name, steps, time.time()
@@ -111,7 +121,7 @@ def train_clip(cfg: TrainConfig, device: torch.device, tokens: TokenCache) -> tu
         target = same / same.sum(1, keepdim=True)
         return (F.cross_entropy(logits.float(), target) + F.cross_entropy(logits.float().t(), target)) / 2
 
-    data = batches(cfg.clip.batch_size, cfg.seed + 1, device, partial_prob=0.5)
+    data = batches(cfg.clip.batch_size, cfg.seed + 1, device, partial_prob=0.5, twins=True)
     seconds = optimise("clip", clip.parameters(), cfg.clip, cfg.steps_scale, data, loss_fn)
     clip.eval()
     figures = evaluate.clip_zero_shot(clip, tokens, cfg.eval_size, cfg.seed + 101, device)
@@ -259,9 +269,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default="gpu", choices=["gpu", "cpu"], help="step counts and batch sizes")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (smoke runs)")
     args = parser.parse_args(argv)
-    summary = train_world(TrainConfig(out=args.out, device=args.device, seed=args.seed, steps_scale=args.steps_scale))
+    summary = train_world(preset(args.preset, out=args.out, device=args.device, seed=args.seed, steps_scale=args.steps_scale))
     print(json.dumps(summary["figures"], indent=2))
 
 

@@ -53,6 +53,19 @@ class Scenes:
     def __getitem__(self, index: slice | np.ndarray) -> "Scenes":
         return Scenes(self.size, *(getattr(self, f.name)[index] for f in fields(self)[1:]))
 
+    def concat(self, other: "Scenes") -> "Scenes":
+        return Scenes(self.size, *(np.concatenate([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)[1:]))
+
+    def twins(self, rng: np.random.Generator) -> "Scenes":
+        """Copies that differ from each scene in the first object's shape (or, a third of the time, its colour)."""
+        twins = self[np.arange(len(self))]
+        change_shape = rng.random(len(self)) < 2 / 3
+        shifted_shape = (twins.shape[:, 0] + rng.integers(1, len(SHAPES), len(self))) % len(SHAPES)
+        shifted_colour = (twins.colour[:, 0] + rng.integers(1, len(COLOURS), len(self))) % len(COLOURS)
+        twins.shape[:, 0] = np.where(change_shape, shifted_shape, twins.shape[:, 0])
+        twins.colour[:, 0] = np.where(change_shape, twins.colour[:, 0], shifted_colour)
+        return twins
+
 
 def sample_scenes(n: int, seed: int | np.random.Generator, size: int = 32, two_object_prob: float = 0.2,
                   held_out: str = "exclude") -> Scenes:
