@@ -34,10 +34,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def run_config(data_dir: Path, out_dir: Path, *overrides: str):
+def run_config(data_dir: Path, out_dir: Path, *overrides: str, experiment: str | None = "smoke"):
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("train", overrides=["experiment=smoke", f"data.path={data_dir}", f"out_dir={out_dir}",
-                                           *overrides])
+        chosen = [f"experiment={experiment}"] if experiment else []
+        return compose("train", overrides=[*chosen, f"data.path={data_dir}", f"out_dir={out_dir}", *overrides])
 
 
 def validation_l1(metrics_csv: Path) -> list[tuple[int, float]]:
@@ -118,3 +118,17 @@ def test_missing_vgg_weights_name_the_file_and_the_offline_option(monkeypatch):
     monkeypatch.setattr(lpips.pretrained_networks.tv, "vgg16", no_network)
     with pytest.raises(MissingWeightsError, match=r"vgg16-397923af\.pth.*distill\.lpips_pretrained_vgg=false"):
         build_lpips(pretrained_vgg=True)
+
+
+@pytest.mark.parametrize("preset", ["gpu", "cpu", "ddp", "slurm"])
+def test_trainer_presets_build(preset, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "3")
+    cfg = run_config(tmp_path, tmp_path, f"trainer={preset}", experiment=None)
+    assert cfg.trainer.precision == ("32-true" if preset == "cpu" else "bf16-mixed")
+    if preset == "slurm":
+        assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (4, 3)
+        return  # Lightning needs the rest of a real SLURM job's environment
+    trainer = instantiate(cfg.trainer, accelerator="cpu", devices=1, precision="32-true", logger=False)
+    assert trainer.max_steps == 100_000
+    assert type(trainer.strategy).__name__ == ("DDPStrategy" if preset == "ddp" else "SingleDeviceStrategy")
