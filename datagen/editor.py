@@ -34,7 +34,7 @@ class EditResult:
     inputs: torch.Tensor  # B x 3 x H x W in [0, 1]: the real image, or the reference pass's image
     edited: torch.Tensor  # B x 3 x H x W in [0, 1]
     finite: torch.Tensor  # (B,) bool: False where a latent went NaN/Inf (the sample is to be rejected)
-    xa_loss: torch.Tensor  # (B,) mean over steps of L_xa before each guidance step (NaN if unguided)
+    xa_loss: torch.Tensor  # (B,) mean over steps of L_xa of the maps each edit step used (after guidance)
     unet_evals: int  # single-sample UNet forward passes per pair (a guidance pair counts 2)
     seconds: float
     extras: dict = field(default_factory=dict)
@@ -124,14 +124,14 @@ class Pix2PixZero(Editor):
                 with torch.enable_grad(), self.store.guiding(maps) as guide:
                     unet(x_in, t, encoder_hidden_states=ctx_edit)
                     (grad,) = torch.autograd.grad(guide.loss.sum(), x_in)
-                losses.append(guide.loss.detach().float())
                 grad_uncond, grad_cond = grad.float().chunk(2)
                 if self.xa_update == "official":  # each half takes its own step; the unconditional half goes on
                     x_uncond, x_cond = x_edit - xa_guidance * grad_uncond, x_edit - xa_guidance * grad_cond
                 else:  # the paper: one x_t feeds both halves, so it takes the sum of their gradients
                     x_uncond = x_cond = x_edit - xa_guidance * (grad_uncond + grad_cond)
-            eps = self._eps(x_uncond, x_cond, t, ctx_edit)
+            with self.store.guiding(maps) as measure:  # L_xa of the maps this step's edit actually used
+                eps = self._eps(x_uncond, x_cond, t, ctx_edit)
+            losses.append(measure.loss.float())
             x_edit = scheduler.step(eps, t, x_uncond).prev_sample
         evals_per_step = 2 * (3 if xa_guidance > 0 else 2)
-        xa_loss = torch.stack(losses).mean(0) if losses else torch.full((x_T.shape[0],), float("nan"))
-        return x_ref, x_edit, xa_loss, evals_per_step * self.num_inference_steps
+        return x_ref, x_edit, torch.stack(losses).mean(0), evals_per_step * self.num_inference_steps

@@ -1,0 +1,64 @@
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from datagen.editor import EditBatch, Pix2PixZero
+from engine_fixtures import RESOLUTION, make_backbone, random_direction
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return make_backbone()
+
+
+def make_editor(backbone, direction, **kwargs):
+    kwargs = {"num_inference_steps": STEPS, "num_inversion_steps": STEPS, **kwargs}
+    return Pix2PixZero(backbone, direction, resolution=RESOLUTION, **kwargs)
+
+
+def test_reference_pass_equals_diffusers_pipeline(backbone):
+    """Zero direction, no cross-attention guidance: both our passes are SD's own sampling loop."""
+    editor = make_editor(backbone, torch.zeros(1, 77, 32), xa_guidance_synthetic=0.0)
+    prompts, seeds = ["a photo of a cat", "a cat on a sofa"], [11, 12]
+    ours = editor.edit(EditBatch(seeds, prompts))
+    pipe = StableDiffusionPipeline(vae=backbone.vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer,
+                                   unet=backbone.unet, scheduler=backbone.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompts, latents=editor.initial_noise(seeds), num_inference_steps=STEPS, guidance_scale=5.0,
+                  output_type="pt").images
+    torch.testing.assert_close(ours.inputs, theirs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours.edited, ours.inputs, atol=1e-5, rtol=0)
+
+
+def test_cross_attention_guidance_lowers_the_attention_loss(backbone):
+    direction = random_direction(backbone, scale=2.0)
+    batch = EditBatch([1, 2], ["a photo of a cat", "a cat in the grass"])
+    unguided = make_editor(backbone, direction, xa_guidance_synthetic=0.0).edit(batch)
+    # Random weights give nearly flat maps and small gradients, hence a larger step than the default 0.15
+    # (measured mean L_xa 6.148 / 6.147 / 6.146 / 6.132 at steps 0 / 0.15 / 1 / 10).
+    guided = make_editor(backbone, direction, xa_guidance_synthetic=1.0).edit(batch)
+    assert torch.all(guided.xa_loss < unguided.xa_loss), (guided.xa_loss, unguided.xa_loss)
+    assert not torch.allclose(guided.edited, unguided.edited)
+
+
+@pytest.mark.parametrize("xa_update", ["official", "shared"])
+def test_batch_equals_single_runs_and_is_reproducible(backbone, xa_update):
+    """Synthetic inputs match to 1e-4. Real inputs go through inversion, which for a random-weight UNet
+    amplifies float-order differences ~5x per step (measured: 5e-8 after 1 step, 2e-4 after 8), so batch vs
+    single agree to 2e-2 there; the exact-reproducibility check is the same-batch rerun (same bytes)."""
+    direction = random_direction(backbone)
+    editor = make_editor(backbone, direction, xa_update=xa_update, num_inference_steps=4, num_inversion_steps=4)
+    seeds, prompts = [3, 4, 5], ["a cat", "a small cat", "a cat on a bed"]
+    images = torch.rand(3, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0))
+    for real, atol in ((None, 1e-4), (images, 2e-2)):
+        together = editor.edit(EditBatch(seeds, prompts, real))
+        for i in range(3):
+            alone = editor.edit(EditBatch(seeds[i : i + 1], prompts[i : i + 1], None if real is None else real[i : i + 1]))
+            torch.testing.assert_close(alone.edited[0], together.edited[i], atol=atol, rtol=0)
+            torch.testing.assert_close(alone.inputs[0], together.inputs[i], atol=atol, rtol=0)
+        again = editor.edit(EditBatch(seeds, prompts, real))
+        assert torch.equal(again.edited, together.edited)  # same seed, same config: same bytes
+    assert together.unet_evals == 4 + 2 * 3 * 4  # inversion + (reference, guidance, guided) x 2 halves
