@@ -13,8 +13,8 @@ SHAPE_TEXTS = [f"a {shape}" for shape in SHAPES]
 COLOUR_TEXTS = [f"a {colour} shape" for colour in COLOURS]
 
 
-def _single_objects(n: int, seed: int, device: torch.device, held_out: str = "any") -> tuple[Scenes, torch.Tensor]:
-    scenes = sample_scenes(n, seed, two_object_prob=0.0, held_out=held_out)
+def _single_objects(n: int, seed: int, device: torch.device) -> tuple[Scenes, torch.Tensor]:
+    scenes = sample_scenes(n, seed, two_object_prob=0.0, held_out="any")
     return scenes, render(scenes, device)[0] * 2 - 1
 
 

@@ -22,6 +22,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.training_utils import EMAModel
 from torchvision.utils import save_image
 
+from datagen.backbone import resolve_device
 from toyworld import evaluate, models
 from toyworld.data import Batch, TokenCache, batches, segmentation_prompts
 
@@ -52,12 +53,12 @@ class TrainConfig:
 
 
 def preset(name: str, **overrides) -> TrainConfig:
-    """"gpu": the step counts sized for one H100 in ~10 minutes. "cpu": smaller batches and fewer steps for
-    a 2-core CPU in ~40 minutes (weaker models; see README for the figures of each)."""
+    """"gpu": batches and steps for one H100 (~15 minutes at the rates in README.md). "cpu": smaller
+    batches and fewer steps, for a CPU (weaker models)."""
     if name == "cpu":
         overrides = dict(clip=Stage(600, 128, 2e-3), vae=Stage(400, 64, 1e-3), unet=Stage(1500, 64, 1e-3),
                          segmenter=Stage(300, 64, 1e-3), captioner=Stage(300, 64, 1e-3), eval_size=256,
-                         eval_diffusion_size=64, **overrides)
+                         eval_diffusion_size=64) | overrides
     return TrainConfig(**overrides)
 
 
@@ -72,7 +73,7 @@ class Progress:
 
 
 def optimise(name: str, params, stage: Stage, scale: float, data, loss_fn, ema: EMAModel | None = None) -> float:
-    """AdamW with a cosine decay over `stage.steps * scale` steps; returns seconds spent."""
+    """AdamW, 5% warm-up then cosine decay over `stage.steps * scale` steps; returns seconds spent."""
     steps = max(1, round(stage.steps * scale))
     params = [p for p in params if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0)
@@ -234,8 +235,7 @@ def train_captioner(cfg: TrainConfig, device: torch.device) -> tuple:
 
 
 def train_world(cfg: TrainConfig) -> dict:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     cfg.out.mkdir(parents=True, exist_ok=True)
     tokens = TokenCache(models.text_tokenizer())
