@@ -1,0 +1,174 @@
+"""Evaluation: each metric on constructed cases, and the report on tiny shards with a scripted student."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch import nn
+
+from datagen.shards import ShardWriter
+from distill.losses import build_lpips, psnr
+from evaluation.evaluator import EvaluationError
+from evaluation.job import run
+from evaluation.metrics import ClipMargin, KeySelfSimilarity, background_lpips, l1_distance, structure_distance
+from evaluation.report import METRICS
+from filters.clip_gain import ClipEncoder
+
+CONF = Path(__file__).parents[1] / "conf"
+
+
+class MeanColourClip(ClipEncoder):
+    """A CLIP whose image feature is the mean colour and whose texts are colour axes: exact, known similarities."""
+
+    AXES = {"red": [1.0, 0.0, 0.0], "green": [0.0, 1.0, 0.0], "blue": [0.0, 0.0, 1.0]}
+
+    def __init__(self):
+        super().__init__(nn.Identity(), logit_scale=100.0)
+        self.projection = nn.Linear(3, 3, bias=False)
+        nn.init.eye_(self.projection.weight)
+
+    def image_features(self, pixels):
+        return self.projection(pixels.mean((2, 3)))
+
+    def text_features(self, texts):
+        return torch.tensor([self.AXES[text] for text in texts])
+
+
+def solid(colour: list[float], size: int = 16) -> torch.Tensor:
+    """One image of a colour given in [0, 1], as a 1 x 3 x size x size batch in [-1, 1]."""
+    return (torch.tensor(colour).view(1, 3, 1, 1) * 2 - 1).expand(1, 3, size, size)
+
+
+def test_clip_margin_is_the_cosine_to_the_target_minus_the_cosine_to_the_source():
+    margin = ClipMargin(MeanColourClip(), source_text="red", target_text="green")
+    edits = torch.cat([solid([0, 1, 0]), solid([1, 0, 0]), solid([0.6, 0.8, 0]), solid([0, 0, 1])])
+    # unit colours: green (1 - 0), red (0 - 1), 3-4-5 (0.8 - 0.6), blue (orthogonal to both)
+    assert margin(edits) == pytest.approx([1.0, -1.0, 0.2, 0.0], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def self_similarity():
+    return KeySelfSimilarity.tiny(seed=0)
+
+
+def test_key_self_similarity_is_the_cosine_of_the_last_layers_keys(self_similarity):
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    similarity = self_similarity(images)  # 2 x 65 x 65: CLS and 8 x 8 patches
+    vit = self_similarity.model
+    with torch.no_grad():
+        hidden = vit(pixel_values=self_similarity.preprocess((images + 1) / 2), output_hidden_states=True).hidden_states
+        last = vit.layers[-1]
+        keys = torch.nn.functional.normalize(last.attention.k_proj(last.layernorm_before(hidden[-2])), dim=-1)
+    assert similarity.shape == (2, 65, 65)
+    torch.testing.assert_close(similarity, keys @ keys.transpose(1, 2))
+    torch.testing.assert_close(similarity.diagonal(dim1=1, dim2=2), torch.ones(2, 65))
+
+
+def test_structure_dist_is_zero_for_an_image_with_itself_and_grows_with_a_spatial_shuffle(self_similarity):
+    torch.manual_seed(0)
+    image = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4) * 2 - 1, size=32, mode="bilinear")  # smooth layout
+    blocks = image.unfold(2, 8, 8).unfold(3, 8, 8)  # 1 x 3 x 4 x 4 x 8 x 8: a 4 x 4 grid of 8 px blocks
+
+    def shuffled(permutation: torch.Tensor) -> torch.Tensor:
+        grid = blocks.reshape(1, 3, 16, 8, 8)[:, :, permutation].reshape(1, 3, 4, 4, 8, 8)
+        return grid.permute(0, 1, 2, 4, 3, 5).reshape(1, 3, 32, 32)
+
+    identity = torch.arange(16)
+    assert torch.equal(shuffled(identity), image)
+    two_swapped = identity.clone()
+    two_swapped[[0, 15]] = two_swapped[[15, 0]]
+    distances = structure_distance(self_similarity, torch.cat([image, shuffled(two_swapped), shuffled(torch.randperm(16))]), image.expand(3, -1, -1, -1))
+    assert distances[0] == 0
+    assert 0 < distances[1] < distances[2]
+
+
+@pytest.fixture(scope="module")
+def lpips():
+    return build_lpips(pretrained_vgg=False)  # the package's linear heads on a random trunk: offline
+
+
+def test_bg_lpips_sees_a_background_change_and_ignores_a_foreground_only_change(lpips):
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1
+    mask = torch.zeros(1, 32, 32, dtype=torch.bool)
+    mask[:, 8:24, 8:24] = True  # the object
+    change = torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1
+    foreground_edit = torch.where(mask, change, image)
+    background_edit = torch.where(mask, image, change)
+
+    same, foreground, background = (background_lpips(lpips, edit, image, mask) for edit in (image, foreground_edit, background_edit))
+    assert same.item() == 0 and foreground.item() == 0
+    assert background.item() > 0.01
+    assert lpips(foreground_edit, image).item() > 0.01  # unmasked, the same change would count
+
+
+def test_l1_and_psnr_to_the_teacher_on_exact_cases():
+    teacher = torch.rand(2, 3, 8, 8) * 1.6 - 0.8
+    student = teacher + torch.tensor([0.0, 0.2]).view(2, 1, 1, 1)
+    assert l1_distance(student, teacher) == pytest.approx([0.0, 0.2])
+    assert psnr(student, teacher)[1].item() == pytest.approx(20.0)  # 10 log10(2^2 / 0.2^2)
+
+
+def write_run(run_dir: Path, pairs_per_shard: int = 3, resolution: int = 32) -> list[str]:
+    """A finished tiny generation run: config.yaml (tiny scorers, cat2dog) and two shards of random pairs."""
+    run_dir.mkdir()
+    config = {"task": OmegaConf.load(CONF / "task" / "cat2dog.yaml"),
+              "model": {"name": "tiny", "resolution": resolution, "scorers": OmegaConf.load(CONF / "scorers" / "tiny.yaml")}}
+    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
+    generator = torch.Generator().manual_seed(0)
+    keys = []
+    for shard in range(2):
+        writer = ShardWriter(run_dir, shard)
+        for i in range(shard * pairs_per_shard, (shard + 1) * pairs_per_shard):
+            key = f"{i:09d}"
+            images = torch.rand(2, 3, resolution, resolution, generator=generator)
+            writer.write(key, images[0], images[1], {"key": key, "task": "cat2dog", "scores": {"seg_iou": 0.9, "clip_gain": 0.2}})
+            keys.append(key)
+        writer.close()
+    return keys
+
+
+def scripted_student(path: Path) -> Path:
+    from hydra.utils import instantiate
+
+    generator_cfg = OmegaConf.merge(OmegaConf.load(CONF / "generator" / "comodgan_256.yaml"),
+                                    {k: v for k, v in OmegaConf.load(CONF / "generator" / "small.yaml").items() if k != "defaults"})
+    torch.manual_seed(0)
+    torch.jit.script(instantiate(generator_cfg).eval()).save(str(path))
+    return path
+
+
+def test_report_on_tiny_shards_has_one_row_per_metric_matching_the_json(tmp_path):
+    keys = write_run(tmp_path / "run")
+    student = scripted_student(tmp_path / "generator.ts")  # 64 px: the 32 px inputs are resized up for it
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"data.path={tmp_path / 'run'}", f"student={student}",
+                                             f"out={tmp_path / 'report'}", "batch_size=4", "cases=2", "device=cpu"])
+    [report] = run(cfg)
+
+    document = json.loads((report.parent / "report.json").read_text())
+    assert document["pairs"] == len(keys) and document["thresholds"] == {"seg_iou": 0.7, "clip_gain": 0.1}
+    rows = [line for line in report.read_text().splitlines() if line.startswith("| ") and not line.startswith("| metric")]
+    assert len(rows) == len(METRICS) == len(document["metrics"])
+    for metric, row in zip(METRICS, rows):
+        label, *cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert label.startswith(metric.label)
+        values = document["metrics"][metric.name]
+        for method, cell in zip(("teacher", "student"), cells):
+            if method in values:
+                assert float(cell) == pytest.approx(values[method], abs=0.51 * 10 ** -metric.decimals)
+            else:
+                assert cell == "-"
+    assert 0 <= document["metrics"]["clip_acc"]["teacher"] <= 100 and document["metrics"]["images_per_second"]["student"] > 0
+
+    pairs = [json.loads(line) for line in (report.parent / "pairs.jsonl").read_text().splitlines()]
+    assert [pair["key"] for pair in pairs] == keys
+    mean_l1 = sum(pair["student"]["l1_to_teacher"] for pair in pairs) / len(pairs)
+    assert document["metrics"]["l1_to_teacher"]["student"] == pytest.approx(mean_l1)
+    assert set(document["cases"]) == {f"teacher_{c}" for c in ("clip_margin", "structure_dist", "bg_lpips")} | {
+        f"student_{c}" for c in ("clip_margin", "structure_dist", "bg_lpips", "lpips_to_teacher", "l1_to_teacher", "psnr_to_teacher")}
+    for grid in document["cases"].values():
+        assert (report.parent / grid).read_bytes()[:4] == b"\x89PNG"
