@@ -69,7 +69,7 @@ def segmentation_prompts(scenes: Scenes, rng: np.random.Generator, masks: torch.
     A phrase states some of an object's words ("striped circle", "red shape with a dot"); words left
     out do not constrain, so "circle" means every circle. With `absent_prob` the words are drawn at
     random instead, often fitting nothing: the mask must then stay empty."""
-    phrases, targets = [], []
+    phrases, fits = [], np.zeros(scenes.present.shape, bool)
     for i in range(len(scenes)):
         k = rng.choice(np.flatnonzero(scenes.present[i]))
         if rng.random() < absent_prob:
@@ -81,10 +81,8 @@ def segmentation_prompts(scenes: Scenes, rng: np.random.Generator, masks: torch.
         say_shape, say_colour = rng.random() < 0.8, rng.random() < 0.5
         phrases.append(object_phrase(SHAPES[shape] if say_shape else None, COLOURS[colour] if say_colour else None,
                                      bool(striped), bool(dot)))
-        fits = scenes.present[i].copy()
-        fits &= (not say_shape) | (scenes.shape[i] == shape)
-        fits &= (not say_colour) | (scenes.colour[i] == colour)
-        fits &= (not striped) | scenes.striped[i]
-        fits &= (not dot) | scenes.dot[i]
-        targets.append((masks[i] * torch.as_tensor(fits, device=masks.device)[:, None, None]).amax(0))
-    return phrases, torch.stack(targets)
+        fits[i] = (scenes.present[i] & ((not say_shape) | (scenes.shape[i] == shape))
+                   & ((not say_colour) | (scenes.colour[i] == colour))
+                   & ((not striped) | scenes.striped[i]) & ((not dot) | scenes.dot[i]))
+    fitting = torch.as_tensor(fits, device=masks.device)[..., None, None]
+    return phrases, (masks * fitting).amax(1)

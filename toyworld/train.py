@@ -42,18 +42,18 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     steps_scale: float = 1.0   # < 1 for smoke runs; the committed world used 1.0
-    clip: Stage = field(default_factory=lambda: Stage(1500, 512, 2e-3))
-    vae: Stage = field(default_factory=lambda: Stage(1000, 256, 1e-3))
-    unet: Stage = field(default_factory=lambda: Stage(4000, 512, 1e-3))
-    segmenter: Stage = field(default_factory=lambda: Stage(1200, 256, 1e-3))
-    captioner: Stage = field(default_factory=lambda: Stage(1200, 256, 1e-3))
+    clip: Stage = field(default_factory=lambda: Stage(1200, 512, 2e-3))
+    vae: Stage = field(default_factory=lambda: Stage(800, 256, 1e-3))
+    unet: Stage = field(default_factory=lambda: Stage(3000, 512, 1e-3))
+    segmenter: Stage = field(default_factory=lambda: Stage(800, 256, 1e-3))
+    captioner: Stage = field(default_factory=lambda: Stage(800, 256, 1e-3))
     caption_dropout: float = 0.1   # empty prompts, so classifier-free guidance works
     eval_size: int = 512
     eval_diffusion_size: int = 128
 
 
 def preset(name: str, **overrides) -> TrainConfig:
-    """"gpu": batches and steps for one H100 (~15 minutes at the rates in README.md). "cpu": smaller
+    """"gpu": batches and steps for one H100 (~10 minutes at the rates in README.md). "cpu": smaller
     batches and fewer steps, for a CPU (weaker models)."""
     if name == "cpu":
         overrides = dict(clip=Stage(600, 128, 2e-3), vae=Stage(400, 64, 1e-3), unet=Stage(1500, 64, 1e-3),
