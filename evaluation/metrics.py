@@ -32,7 +32,7 @@ class ClipMargin:
         self.texts = encoder.encode_texts([source_text, target_text])  # 2 x D, unit length
 
     def __call__(self, images: Tensor) -> Tensor:
-        similarity = self.encoder.encode_images((images + 1) / 2) @ self.texts.T.to(self.encoder.device)  # B x 2
+        similarity = self.encoder.encode_images((images + 1) / 2) @ self.texts.T  # B x 2
         return (similarity[:, 1] - similarity[:, 0]).cpu()
 
 

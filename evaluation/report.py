@@ -14,12 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
+from torchvision.utils import make_grid
 
 from evaluation.evaluator import RunEvaluation, RunEvaluator
 
 METHODS = ("teacher", "student")
+PADDING = 2  # pixels between the pictures of a case grid
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ DEFINITIONS = """\
 - **Structure Dist**: MSE between the last-layer key self-similarities of input and edit in a ViT (Tumanyan et al. 2022).
 - **BG LPIPS**: LPIPS between input and edit with the object (the segmenter's source mask in the input or target mask in the edit) blanked in both; n/a for tasks without object words.
 - **to teacher**: the student's output against the teacher's edit, both at the student's resolution (L1 and PSNR on [-1, 1]).
-- **images/s**: the student's forward passes only, after two warm-up calls, batch as evaluated."""
+- **images/s**: the student's forward passes only, after three warm-up calls, batch as evaluated."""
 
 
 def summarise(result: RunEvaluation) -> dict[str, dict[str, float | None]]:
@@ -161,19 +165,22 @@ def _worst_and_best(values: Sequence[tuple[str, float]], higher_is_better: bool,
 
 
 def _grid(name: str, ranked: list[tuple[str, float]], images: dict[str, dict[str, Tensor]], path: Path) -> None:
+    """One mosaic (rows: pairs, columns: input | teacher | student), labelled on its axes: a single imshow stays
+    fast where a subplot per picture would not."""
     columns = list(next(iter(images.values())))
+    side = max(picture.shape[-1] for row in images.values() for picture in row.values())
+    # nearest-neighbour keeps a small student's or teacher's pixels visible next to a larger one
+    cells = [F.interpolate(images[key][kind][None], size=(side, side), mode="nearest")[0] for key, _ in ranked for kind in columns]
+    mosaic = make_grid(torch.stack(cells).clamp(-1, 1), nrow=len(columns), padding=PADDING, normalize=True, value_range=(-1, 1), pad_value=1)
     half = len(ranked) // 2
-    figure = Figure(figsize=(1.6 * len(columns) + 1.4, 1.6 * len(ranked)), layout="constrained")
-    axes = figure.subplots(len(ranked), len(columns), squeeze=False)
-    figure.suptitle(f"{name}: worst {half} (top), best {half} (bottom)")
-    for row, (key, value) in enumerate(ranked):
-        for column, kind in enumerate(columns):
-            axis = axes[row, column]
-            picture = (images[key][kind].clamp(-1, 1) + 1) / 2
-            axis.imshow(picture.permute(1, 2, 0).numpy())
-            axis.set_xticks([]), axis.set_yticks([])
-            if row == 0:
-                axis.set_title(kind)
-        label = "worst" if row < half else "best"
-        axes[row, 0].set_ylabel(f"{label} {row % half + 1}\n{key}\n{value:.4g}", fontsize=8)
+    figure = Figure(figsize=(1.2 + 1.5 * len(columns), 0.5 + 1.5 * len(ranked)), layout="constrained")
+    axis = figure.subplots()
+    axis.imshow(mosaic.permute(1, 2, 0).numpy(), interpolation="nearest")
+    centres = [PADDING + side / 2 + i * (side + PADDING) for i in range(max(len(columns), len(ranked)))]
+    axis.set_xticks(centres[: len(columns)], columns)
+    axis.xaxis.tick_top()
+    labels = [f"{'worst' if row < half else 'best'} {row % half + 1}\n{key}\n{value:.4g}" for row, (key, value) in enumerate(ranked)]
+    axis.set_yticks(centres[: len(ranked)], labels, fontsize=8)
+    axis.tick_params(length=0)
+    axis.set_title(f"{name}: worst {half} (top), best {half} (bottom)")
     figure.savefig(path, dpi=100)

@@ -141,13 +141,15 @@ def scripted_student(path: Path) -> Path:
     return path
 
 
+def evaluate_config(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("evaluate", overrides=[f"data.path={tmp_path / 'run'}", f"out={tmp_path / 'report'}", "device=cpu", *overrides])
+
+
 def test_report_on_tiny_shards_has_one_row_per_metric_matching_the_json(tmp_path):
     keys = write_run(tmp_path / "run")
     student = scripted_student(tmp_path / "generator.ts")  # 64 px: the 32 px inputs are resized up for it
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"data.path={tmp_path / 'run'}", f"student={student}",
-                                             f"out={tmp_path / 'report'}", "batch_size=4", "cases=2", "device=cpu"])
-    [report] = run(cfg)
+    [report] = run(evaluate_config(tmp_path, f"student={student}", "batch_size=4", "cases=2"))
 
     document = json.loads((report.parent / "report.json").read_text())
     assert document["pairs"] == len(keys) and document["thresholds"] == {"seg_iou": 0.7, "clip_gain": 0.1}
@@ -172,3 +174,14 @@ def test_report_on_tiny_shards_has_one_row_per_metric_matching_the_json(tmp_path
         f"student_{c}" for c in ("clip_margin", "structure_dist", "bg_lpips", "lpips_to_teacher", "l1_to_teacher", "psnr_to_teacher")}
     for grid in document["cases"].values():
         assert (report.parent / grid).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_missing_student_or_metric_preset_is_one_clear_error(tmp_path):
+    write_run(tmp_path / "run")
+    with pytest.raises(EvaluationError, match=r"student .*no/such.ts not found"):
+        run(evaluate_config(tmp_path, f"student={tmp_path / 'no/such.ts'}"))
+    config = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    config.model.name = "sdxl"
+    OmegaConf.save(config, tmp_path / "run" / "config.yaml")
+    with pytest.raises(EvaluationError, match="no metric preset for model 'sdxl'"):
+        run(evaluate_config(tmp_path))
