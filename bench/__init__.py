@@ -1,0 +1,5 @@
+"""Benchmarks: `python -m bench.generate | bench.latency | bench.train [--smoke]`.
+
+Each prints its table last and writes the same rows, with the machine and versions, to a JSON file
+(`bench/results/<name>.json` unless `--out` says otherwise). Results are collected in BENCHMARKS.md.
+"""

@@ -1,0 +1,247 @@
+"""Generation benchmark: our batched lockstep pix2pix-zero editor against the official loop, same weights.
+
+    python -m bench.generate                    # SD-1.4-size random UNet on a GPU, a small one on the CPU
+    python -m bench.generate --smoke            # tiny components, 2 steps: seconds on a CPU
+
+First both editors make the same pair from the same input (max abs difference printed): equal outputs are
+what make the time ratio fair. Then, per precision and batch: seconds per pair, UNet evaluations per pair
+(counted by a hook, one per sample through the UNet), peak memory, achieved TFLOP/s (FlopCounterMode on
+1- and 2-step runs, scaled to the run's steps) against the device's measured matmul throughput, the ratio
+reference / ours, and the hours 15,000 pairs would take at the paper's 100 inversion + 100 edit steps.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from bench.measure import count_flops, matmul_tflops, peak_memory, seconds
+from bench.reference import ReferenceEditor
+from bench.report import write_report
+from datagen.backbone import Backbone, resolve_device, tiny_backbone
+from datagen.editor import EditBatch, Pix2PixZero
+from datagen.inversion import NoiseRegularizer
+
+PAPER_PAIRS, PAPER_STEPS = 15_000, 100
+PROMPT = "a photo of a cat sitting on a sofa"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+REFERENCE_DTYPES = ("fp32", "fp16")  # the official code's default and its option
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """An SD-1.x-layout backbone with random weights (3 cross-attention levels, then one without)."""
+
+    unet_channels: tuple[int, ...]
+    vae_channels: tuple[int, ...]
+    text_dim: int
+    text_layers: int
+    text_heads: int
+    resolution: int
+
+
+SIZES = {
+    "sd14": Size((320, 640, 1280, 1280), (128, 256, 512, 512), 768, 12, 12, 512),  # SD-1.4's shapes
+    "small": Size((32, 64, 128, 128), (32, 32, 64, 64), 128, 2, 4, 256),  # CPU: 32 x 32 latents
+}
+TINY_RESOLUTION = 32  # datagen.backbone.tiny_backbone (the test suite's components): 16 x 16 latents
+
+
+def sd_shaped_backbone(size: Size, seed: int = 0) -> Backbone:
+    """Random SD-1.x networks at `size`; tokenizer and DDIM schedule as in `tiny_backbone` (SD's own)."""
+    base = tiny_backbone(seed)
+    torch.manual_seed(seed)
+    levels = len(size.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=size.resolution // 8, block_out_channels=size.unet_channels, cross_attention_dim=size.text_dim,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=size.vae_channels, latent_channels=4, layers_per_block=2, sample_size=size.resolution,
+        down_block_types=("DownEncoderBlock2D",) * len(size.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(size.vae_channels),
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=size.text_dim, intermediate_size=4 * size.text_dim,
+        num_hidden_layers=size.text_layers, num_attention_heads=size.text_heads, max_position_embeddings=77,
+        hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    return dataclasses.replace(base, unet=unet, vae=vae, text_encoder=text_encoder, name="random-sd")
+
+
+class UNetSampleCounter:
+    """Counts samples through the UNet inside the block: a guidance pair counts 2, as EditResult.unet_evals."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.unet, self.count = unet, 0
+
+    def __enter__(self) -> "UNetSampleCounter":
+        self.handle = self.unet.register_forward_pre_hook(self.hook)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.handle.remove()
+
+    def hook(self, module: torch.nn.Module, args: tuple) -> None:
+        self.count += args[0].shape[0]
+
+
+@dataclasses.dataclass
+class Setup:
+    backbone: Backbone
+    direction: torch.Tensor
+    images: torch.Tensor  # real inputs, N x 3 x R x R in [0, 1]; None for synthetic ones
+    resolution: int
+    steps: int
+
+    def ours(self, steps: int | None = None) -> Pix2PixZero:
+        steps = steps or self.steps  # a new editor takes over the UNet's cross-attention processors
+        return Pix2PixZero(self.backbone, self.direction, self.resolution, steps, steps, regularizer=NoiseRegularizer())
+
+    def reference(self, steps: int | None = None) -> ReferenceEditor:
+        steps = steps or self.steps
+        return ReferenceEditor(self.backbone, self.direction, steps, steps, regularizer=NoiseRegularizer())
+
+    def batch(self, first: int, size: int) -> EditBatch:
+        images = None if self.images is None else self.images[first : first + size]
+        return EditBatch(list(range(first, first + size)), [PROMPT] * size, images)
+
+    def run_ours(self, editor: Pix2PixZero, first: int, size: int) -> torch.Tensor:
+        return editor.edit(self.batch(first, size)).edited
+
+    def run_reference(self, editor: ReferenceEditor, ours: Pix2PixZero, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.images is None:
+            return editor.edit(PROMPT, x_T=ours.initial_noise([index]))
+        return editor.edit(PROMPT, image=self.images[index : index + 1], seed=index)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairFlops:
+    """FLOPs of one pair: a fixed part (text encoder, VAE) plus one part per inversion + edit step."""
+
+    fixed: int
+    per_step: int
+
+    @classmethod
+    def count(cls, run: Callable[[int], object]) -> "PairFlops":
+        """From FlopCounterMode over `run(steps)` at 1 and 2 steps."""
+        one, two = count_flops(lambda: run(1)), count_flops(lambda: run(2))
+        return cls(fixed=one - (two - one), per_step=two - one)
+
+    def at(self, steps: int) -> int:
+        return self.fixed + steps * self.per_step
+
+
+def bench_precision(setup: Setup, dtype_name: str, batches: Sequence[int], repeats: int, warmup: int,
+                    with_reference: bool) -> tuple[list[dict], dict]:
+    """Rows of the reference (batch 1) and of ours at each batch in one precision, and their parity."""
+    device, steps = setup.backbone.device, setup.steps
+    setup.backbone.to(device, DTYPES[dtype_name])
+    peak_tflops = matmul_tflops(device, DTYPES[dtype_name])
+
+    def measure(name: str, batch: int, call: Callable[[], object], flops: PairFlops) -> dict:
+        for _ in range(warmup):
+            call()
+        with UNetSampleCounter(setup.backbone.unet) as counter, peak_memory(device) as memory:
+            per_pair = sum(seconds(call, device) for _ in range(repeats)) / (repeats * batch)
+        achieved = flops.at(steps) / per_pair / 1e12
+        # at the paper's steps, assuming the same FLOP/s: the fixed part weighs less than at few steps
+        paper_seconds = per_pair * flops.at(PAPER_STEPS) / flops.at(steps)
+        return {"editor": name, "precision": dtype_name, "batch": batch, "s/pair": per_pair,
+                "UNet evals/pair": counter.count / (repeats * batch), "peak GiB": memory["peak_gib"],
+                "TFLOP/pair": flops.at(steps) / 1e12, "TFLOP/s": achieved, "% matmul peak": 100 * achieved / peak_tflops,
+                "h per 15k pairs @100/100": paper_seconds * PAPER_PAIRS / 3600}
+
+    rows, parity = [], {}
+    if with_reference:
+        ours = setup.ours()
+        reference = setup.reference()
+        reference_input, reference_edited = setup.run_reference(reference, ours, 0)
+        result = ours.edit(setup.batch(0, 1))
+        parity = {"precision": dtype_name, "max |edited diff|": (result.edited - reference_edited).abs().max().item()}
+        if setup.images is None:  # real inputs are the image itself in both; synthetic ones are decoded
+            parity["max |input diff|"] = (result.inputs - reference_input).abs().max().item()
+        flops = PairFlops.count(lambda k: setup.run_reference(setup.reference(k), ours, 0))
+        rows.append(measure("reference", 1, lambda: setup.run_reference(reference, ours, 0), flops))
+    flops = PairFlops.count(lambda k: setup.run_ours(setup.ours(k), 0, 1))
+    ours = setup.ours()
+    for batch in batches:
+        rows.append(measure("ours", batch, lambda: setup.run_ours(ours, 0, batch), flops))
+    return rows, parity
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """ref/ours: the reference's seconds per pair at the same precision (fp16's for bf16) over ours."""
+    reference = {row["precision"]: row["s/pair"] for row in rows if row["editor"] == "reference"}
+    if "fp16" in reference:
+        reference["bf16"] = reference["fp16"]
+    for row in rows:
+        if row["editor"] == "ours" and row["precision"] in reference:
+            row["ref/ours"] = reference[row["precision"]] / row["s/pair"]
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny components, 2 steps, batches 1 and 2, fp32")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--size", choices=[*SIZES, "tiny"], help="default: sd14 on a GPU, small on the CPU")
+    parser.add_argument("--steps", type=int, help="inversion and edit steps (default: 50 on a GPU, 4 on the CPU)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--precisions", nargs="+", choices=list(DTYPES), help="default: all on a GPU, fp32 on the CPU")
+    parser.add_argument("--inputs", choices=["real", "synthetic"], default="real",
+                        help="real: inversion + edit, as the paper's timing; synthetic: edit from seeded noise")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per setting")
+    parser.add_argument("--warmup", type=int, help="untimed runs per setting (default: 1 on a GPU, 0 on the CPU)")
+    parser.add_argument("--no-reference", action="store_true", help="time our editor only")
+    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/generate.json)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.device, args.size, args.steps, args.batches, args.precisions = "cpu", "tiny", 2, [1, 2], ["fp32"]
+        torch.set_num_threads(1)  # tiny kernels gain nothing from more threads and lose much on a busy machine
+    device = resolve_device(args.device)
+    gpu = device.type == "cuda"
+    size = args.size or ("sd14" if gpu else "small")
+    steps = args.steps or (50 if gpu else 4)
+    precisions = args.precisions or (list(DTYPES) if gpu else ["fp32"])
+    if not gpu and precisions != ["fp32"]:
+        parser.error("half precisions are measured on a GPU only (CPU half-precision kernels are not what runs at scale)")
+    warmup = args.warmup if args.warmup is not None else int(gpu)
+    diffusers_logging.set_verbosity_error()  # each precision change would warn that no module must stay fp32
+
+    backbone = (tiny_backbone(0) if size == "tiny" else sd_shaped_backbone(SIZES[size])).to(device, torch.float32)
+    resolution = TINY_RESOLUTION if size == "tiny" else SIZES[size].resolution
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(1, 77, backbone.text_encoder.config.hidden_size, generator=generator)
+    images = torch.rand(max(args.batches), 3, resolution, resolution, generator=generator) if args.inputs == "real" else None
+    setup = Setup(backbone, direction, images, resolution, steps)
+
+    rows, parity_rows = [], []
+    for name in precisions:
+        with_reference = not args.no_reference and name in REFERENCE_DTYPES
+        precision_rows, parity = bench_precision(setup, name, args.batches, args.repeats, warmup, with_reference)
+        rows += precision_rows
+        if parity:
+            parity_rows.append(parity)
+    add_ratios(rows)
+
+    columns = ["editor", "precision", "batch", "s/pair", "ref/ours", "UNet evals/pair", "peak GiB", "TFLOP/pair",
+               "TFLOP/s", "% matmul peak", "h per 15k pairs @100/100"]
+    notes = [f"{size} random-weight UNet ({sum(p.numel() for p in backbone.unet.parameters()) / 1e6:.1f} M parameters), "
+             f"{resolution} px, {args.inputs} inputs, {steps} inversion + {steps} edit steps, guidance 5.0, "
+             f"xa_guidance {0.1 if args.inputs == 'real' else 0.15}",
+             "ref/ours: the reference's s/pair at the same precision (fp16's for bf16) / ours; hours: s/pair "
+             "scaled by FLOPs to 100 + 100 steps, x 15,000 pairs, on this device"]
+    tables = {"Same pair from both editors (batch 1)": (parity_rows, ["precision", "max |input diff|", "max |edited diff|"]),
+              "Seconds per pair": (rows, columns)}
+    return write_report("generate", args.out, device, tables, notes)
+
+
+if __name__ == "__main__":
+    main()
