@@ -58,7 +58,12 @@ class Student:
         return resize(images, self.resolution)
 
     @torch.no_grad()
+    def translate(self, images: Tensor) -> Tensor:
+        return self.module(self.resize(images).to(self.device))
+
+    @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
+        """`translate`, timed."""
         images = self.resize(images).to(self.device)
         if not self.warm:
             # TorchScript's profiling executor profiles and optimises the graph during the first calls (measured:
@@ -190,7 +195,9 @@ class RunEvaluator:
                 extend(result.student, self.metrics.edit(self.student.resize(batch["input"]), outputs))
                 extend(result.student, self.metrics.fidelity(outputs, self.student.resize(batch["target"])))
         if not result.keys:
-            raise EvaluationError(f"no pair of {self.run_dir} passes the thresholds {self.thresholds} in the chosen split")
+            raise EvaluationError(f"no pair of {self.run_dir} passes the thresholds {self.thresholds} in the chosen split "
+                                  "(pairs without scores pass none: score them with `python -m filters DIR`, or "
+                                  "evaluate every pair with data.thresholds={})")
         if self.student is not None:
             result.images_per_second = self.student.images_per_second
         return result
@@ -205,7 +212,7 @@ class RunEvaluator:
             if not wanted:
                 continue
             inputs, targets = batch["input"][wanted], batch["target"][wanted]
-            outputs = self.student.module(self.student.resize(inputs).to(self.student.device)).cpu() if self.student else None
+            outputs = self.student.translate(inputs).cpu() if self.student else None
             for j, i in enumerate(wanted):
                 found[batch["key"][i]] = {"input": inputs[j], "teacher": targets[j]} | ({"student": outputs[j]} if self.student else {})
         return found

@@ -54,14 +54,28 @@ def self_similarity():
     return KeySelfSimilarity.tiny(seed=0)
 
 
-def test_key_self_similarity_is_the_cosine_of_the_last_layers_keys(self_similarity):
+def toy_like_clip_vision(folder: Path) -> KeySelfSimilarity:
+    """The model=toy path on a tiny random CLIPModel saved as the toy world saves its CLIP (no processor files)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=tower, vision_config=dict(image_size=32, patch_size=4, **tower), projection_dim=32)).save_pretrained(folder)
+    return KeySelfSimilarity.from_clip(str(folder)).eval()
+
+
+@pytest.mark.parametrize("tower", ["dino_like_vit", "clip_vision"])
+def test_key_self_similarity_is_the_cosine_of_the_last_layers_keys(tower, self_similarity, tmp_path):
+    if tower == "clip_vision":
+        self_similarity = toy_like_clip_vision(tmp_path / "clip")
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     similarity = self_similarity(images)  # 2 x 65 x 65: CLS and 8 x 8 patches
     vit = self_similarity.model
     with torch.no_grad():
         hidden = vit(pixel_values=self_similarity.preprocess((images + 1) / 2), output_hidden_states=True).hidden_states
-        last = vit.layers[-1]
-        keys = torch.nn.functional.normalize(last.attention.k_proj(last.layernorm_before(hidden[-2])), dim=-1)
+        last = vit.layers[-1] if tower == "dino_like_vit" else vit.encoder.layers[-1]
+        attention, norm = (last.attention, last.layernorm_before) if tower == "dino_like_vit" else (last.self_attn, last.layer_norm1)
+        keys = torch.nn.functional.normalize(attention.k_proj(norm(hidden[-2])), dim=-1)
     assert similarity.shape == (2, 65, 65)
     torch.testing.assert_close(similarity, keys @ keys.transpose(1, 2))
     torch.testing.assert_close(similarity.diagonal(dim1=1, dim2=2), torch.ones(2, 65))
