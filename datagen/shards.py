@@ -2,7 +2,9 @@
 
 A shard file under its final name is always whole; the manifest (`manifest.jsonl`, one line per finished
 shard) is the record a rerun consults to skip work. Tar members carry a fixed mtime so that the same
-samples give the same bytes.
+samples give the same bytes. A shard's rejected inputs are logged to `rejects.jsonl` when the shard
+closes, just before its manifest line, so a shard redone after a kill does not log them twice (only a
+kill between those two appends can; readers key rejects by index).
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,10 @@ class ShardRecord:
     count: int
     keys: list[str]
     sha256: str
+    rejects: list[dict] = field(default_factory=list)  # {index, reason, detail} of the shard's samples it lacks
+    seconds: float = 0.0  # wall time one worker spent making the shard
+    unet_evals: int = 0  # single-sample UNet forwards per pair
+    peak_gpu_memory_gb: float = 0.0  # of the worker process, up to this shard
 
 
 class ShardWriter:
@@ -59,26 +66,36 @@ class ShardWriter:
         self.stream = open(self.tmp, "wb")
         self.tar = wds.TarWriter(self.stream, mtime=0.0)
         self.keys: list[str] = []
+        self.rejects: list[dict] = []
+        self.started = time.perf_counter()
 
     def write(self, key: str, input_image: torch.Tensor, edited_image: torch.Tensor, meta: dict) -> None:
         self.tar.write({"__key__": key, "input.png": png_bytes(input_image), "edited.png": png_bytes(edited_image),
                         "json": json.dumps(meta, sort_keys=True).encode()})
         self.keys.append(key)
 
-    def close(self) -> ShardRecord:
+    def reject(self, index: int, reason: str, detail: str = "") -> None:
+        """A sample of this shard that will not be in it."""
+        self.rejects.append({"index": index, "reason": reason, "detail": detail})
+
+    def close(self, unet_evals: int = 0, peak_gpu_memory_gb: float = 0.0) -> ShardRecord:
         self.tar.close()  # also closes the stream
         os.replace(self.tmp, self.path)
-        record = ShardRecord(self.path.name, self.index, len(self.keys), self.keys, sha256_file(self.path))
+        record = ShardRecord(self.path.name, self.index, len(self.keys), self.keys, sha256_file(self.path), self.rejects,
+                             round(time.perf_counter() - self.started, 3), unet_evals, round(peak_gpu_memory_gb, 3))
+        append_jsonl(self.out_dir / "rejects.jsonl", *({"shard": self.index, **row} for row in self.rejects))
         append_jsonl(self.out_dir / "manifest.jsonl", asdict(record))
         return record
 
 
-def append_jsonl(path: Path, row: dict) -> None:
-    """One write() of one line with O_APPEND: concurrent workers' lines never interleave."""
-    line = (json.dumps(row, sort_keys=True) + "\n").encode()
+def append_jsonl(path: Path, *rows: dict) -> None:
+    """One write() with O_APPEND: concurrent workers' lines never interleave."""
+    if not rows:
+        return
+    lines = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
+        os.write(fd, lines)
     finally:
         os.close(fd)
 

@@ -1,0 +1,165 @@
+"""Generation at scale: separate worker processes, kill -9 and resume, bad inputs, verify.
+
+Runs use random tiny components with one inversion and one edit step: the properties tested (which pair
+goes where, byte equality across process layouts, resume) do not depend on the steps."""
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from datagen import launch
+from datagen.shards import ShardWriter, finished_shards, read_jsonl
+from datagen.verify import verify_run
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+TINY = ["model=tiny", "model.tiny.unet_channels=[16,32]", "model.tiny.vae_channels=[16,32]", "filters=none",
+        "editor.num_inference_steps=1", "editor.num_inversion_steps=1", "cpu_threads=1", "device=cpu"]
+NO_LAUNCHER: dict[str, str] = {}  # the test process's own environment must not decide worker ranks
+
+
+def config(out_dir: Path, cache_dir: Path, *overrides: str):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("generate", [*TINY, f"out_dir={out_dir}", f"cache_dir={cache_dir}", *overrides])
+
+
+def synthetic(out_dir: Path, cache_dir: Path, *overrides: str):
+    return config(out_dir, cache_dir, "num_pairs=5", "shard_size=2", "batch_size=2", *overrides)
+
+
+def pairs(run_dir: Path) -> dict[str, dict]:
+    """Every finished sample: its image bytes and its json without the timings (the only field a rerun changes)."""
+    samples = {}
+    for record in finished_shards(run_dir).values():
+        with tarfile.open(run_dir / "shards" / record.shard) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                data = tar.extractfile(member).read()
+                if ext == "json":
+                    data = {k: v for k, v in json.loads(data).items() if k != "timings"}
+                samples.setdefault(key, {})[ext] = data
+    return samples
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("directions")
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory, cache_dir) -> Path:
+    """One worker, one uninterrupted run: the reference every other layout must reproduce."""
+    run_dir = tmp_path_factory.mktemp("unbroken") / "run"
+    launch.run_workers(synthetic(run_dir, cache_dir), NO_LAUNCHER)
+    return run_dir
+
+
+def test_unbroken_run_makes_every_pair_once(unbroken):
+    records = finished_shards(unbroken)
+    assert sorted(records) == [0, 1, 2]
+    assert [records[s].keys for s in range(3)] == [["000000000", "000000001"], ["000000002", "000000003"], ["000000004"]]
+    assert len(read_jsonl(unbroken / "manifest.jsonl")) == 3
+    stats = json.loads((unbroken / "stats.json").read_text())
+    assert (stats["written"], stats["shards_done"], stats["rejected"]) == (5, 3, {})
+    assert stats["unet_evals_per_pair"] == 6  # one step: 2 x (reference, guidance, guided edit)
+
+
+def test_two_worker_processes_split_the_job_and_equal_one_worker(tmp_path, cache_dir, unbroken):
+    """devices=2: one command, two spawned worker processes (ranks 0 and 1 of 2) sharing only the out_dir."""
+    launch.run_workers(synthetic(tmp_path / "run", cache_dir, "devices=2"), NO_LAUNCHER)
+    rows = read_jsonl(tmp_path / "run" / "manifest.jsonl")
+    assert sorted(row["index"] for row in rows) == [0, 1, 2]  # each shard made once: disjoint
+    assert sorted(key for row in rows for key in row["keys"]) == [f"{i:09d}" for i in range(5)]  # union = the job
+    assert pairs(tmp_path / "run") == pairs(unbroken)  # sample for sample, byte for byte
+
+
+def killed_on_second_write(cfg) -> None:
+    """A worker that dies (SIGKILL, no cleanup of any kind) while writing shard 1, after its first sample."""
+    written = []
+    original = ShardWriter.write
+
+    def write(self, key, *args):
+        if self.index == 1 and written:
+            os.kill(os.getpid(), signal.SIGKILL)
+        original(self, key, *args)
+        if self.index == 1:
+            written.append(key)
+
+    ShardWriter.write = write
+    launch.run_workers(cfg, NO_LAUNCHER)
+
+
+def test_run_killed_mid_shard_resumes_to_the_unbroken_result(tmp_path, cache_dir, unbroken):
+    cfg = synthetic(tmp_path / "run", cache_dir)
+    worker = multiprocessing.get_context("fork").Process(target=killed_on_second_write, args=(cfg,))
+    worker.start()
+    worker.join()
+    assert worker.exitcode == -signal.SIGKILL
+    assert sorted(finished_shards(tmp_path / "run")) == [0]
+    assert [p.name for p in (tmp_path / "run" / "shards").glob(".pairs-000001.tar.*.tmp")]  # the half-written shard
+
+    launch.run_workers(cfg, NO_LAUNCHER)
+    rows = read_jsonl(tmp_path / "run" / "manifest.jsonl")
+    assert sorted(row["index"] for row in rows) == [0, 1, 2]  # shard 0 was not redone
+    assert not list((tmp_path / "run" / "shards").glob("*.tmp"))
+    assert pairs(tmp_path / "run") == pairs(unbroken)
+
+
+def test_other_settings_on_an_existing_out_dir_are_refused(unbroken, cache_dir):
+    with pytest.raises(launch.job.ConfigError, match=r"other settings \(editor, seed, source differ\)"):
+        launch.run_workers(synthetic(unbroken, cache_dir, "seed=1", "editor.guidance_scale=3"), NO_LAUNCHER)
+
+
+def test_verify_passes_a_whole_run_and_names_a_truncated_shard(tmp_path, unbroken):
+    assert verify_run(unbroken).ok
+    run_dir = tmp_path / "run"
+    shutil.copytree(unbroken, run_dir)
+    shard = run_dir / "shards" / "pairs-000001.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    report = verify_run(run_dir)
+    assert not report.ok and (report.shards_ok, report.pairs_ok) == (2, 3)
+    assert all("pairs-000001.tar" in problem for problem in report.problems)
+    assert any("checksum" in problem for problem in report.problems)
+
+
+def test_folder_with_bad_files_makes_pairs_of_the_good_ones_and_logs_the_rest(tmp_path, cache_dir, capsys):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    Image.new("RGB", (80, 64), (0, 0, 255)).save(images / "blue.png")
+    Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(images / "clear.png")  # fully transparent: composited on white
+    Image.new("CMYK", (64, 96), (0, 255, 255, 0)).save(images / "sub" / "cmyk.jpg", quality=95)  # red
+    Image.new("I;16", (64, 64), 30000).save(images / "sub" / "grey16.png")  # 16-bit: 30000 / 257 = 116.7
+    (images / "blue.txt").write_text("a photo of a cat")  # captioned; the others get BLIP's (tiny) captions
+    good = (images / "blue.png").read_bytes()
+    (images / "cut.png").write_bytes(good[: len(good) // 2])
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "notes.webp").write_text("not an image")
+    Image.new("RGB", (8, 8), (0, 0, 0)).save(images / "speck.png")
+    Image.new("RGB", (300, 300), (0, 0, 0)).save(images / "sub" / "poster.bmp")
+    cfg = config(tmp_path / "run", cache_dir, "source=folder", f"source.path={images}", "source.max_pixels=50000",
+                 "shard_size=4", "batch_size=2")
+
+    assert launch.main(cfg) == 0
+    rejects = {row["detail"].split(":")[0]: row["reason"] for row in read_jsonl(tmp_path / "run" / "rejects.jsonl")}
+    assert rejects == {"cut.png": "unreadable", "empty.jpg": "empty file", "notes.webp": "unreadable",
+                       "speck.png": "too small", "sub/poster.bmp": "too large"}
+    made = {sample["json"]["source"]: sample for sample in pairs(tmp_path / "run").values()}
+    assert sorted(made) == ["blue.png", "clear.png", "sub/cmyk.jpg", "sub/grey16.png"]
+    assert made["blue.png"]["json"]["caption"] == "a photo of a cat"
+    expected_rgb = {"blue.png": (0, 0, 255), "clear.png": (255, 255, 255), "sub/cmyk.jpg": (255, 0, 0), "sub/grey16.png": (117, 117, 117)}
+    for name, rgb in expected_rgb.items():
+        pixels = np.asarray(Image.open(io.BytesIO(made[name]["input.png"])))
+        assert pixels.shape == (64, 64, 3)
+        np.testing.assert_allclose(pixels.reshape(-1, 3).mean(0), rgb, atol=3)
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    assert stats["written"] == 4 and stats["rejected"] == {"empty file": 1, "too large": 1, "too small": 1, "unreadable": 2}
+    assert "rejected             5 (empty file 1, too large 1, too small 1, unreadable 2)" in capsys.readouterr().out
+    assert verify_run(tmp_path / "run").ok  # pairs + rejects account for every sample index
