@@ -13,12 +13,14 @@ per pair (a tensor of B), so a report can average them and a grid can sort them.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from filters.clip_gain import ClipEncoder
-from filters.loading import explain_missing
+from filters.loading import MissingModelError
 from filters.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_processor, pixel_transform
 
 DINO = "facebook/dino-vitb8"
@@ -77,8 +79,10 @@ class KeySelfSimilarity(nn.Module):
         """A DINO ViT (transformers ViTModel) on images resized to `image_size` with ImageNet statistics, as Splice does."""
         from transformers import ViTModel
 
-        with explain_missing(name_or_path):
+        try:
             model = ViTModel.from_pretrained(name_or_path, add_pooling_layer=False)
+        except OSError as error:
+            raise missing_vit(name_or_path, error) from None
         return cls(model, pixel_transform((image_size, image_size), IMAGENET_MEAN, IMAGENET_STD, "bilinear"))
 
     @classmethod
@@ -86,9 +90,11 @@ class KeySelfSimilarity(nn.Module):
         """The vision tower of a transformers CLIPModel (the toy world has no DINO: its CLIP is its trained ViT)."""
         from transformers import CLIPVisionModel
 
-        with explain_missing(name_or_path):
+        try:
             model = CLIPVisionModel.from_pretrained(name_or_path)
             _, image_processor = load_processor(name_or_path)
+        except OSError as error:
+            raise missing_vit(name_or_path, error) from None
         side = model.config.image_size
         mean, std = (image_processor.image_mean, image_processor.image_std) if image_processor else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
         return cls(model, pixel_transform((side, side), mean, std, "bicubic"))
@@ -104,6 +110,16 @@ class KeySelfSimilarity(nn.Module):
             torch.manual_seed(seed)
             model = ViTModel(config, add_pooling_layer=False).eval()
         return cls(model, pixel_transform((image_size, image_size), IMAGENET_MEAN, IMAGENET_STD, "bilinear"))
+
+
+def missing_vit(name_or_path: str, error: OSError) -> MissingModelError:
+    """The scorers' one-line error, with the advice that fits a metric preset's model."""
+    missing_path = name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists()
+    cause = "no such file or folder" if missing_path else next(iter(str(error).strip().splitlines()), type(error).__name__)
+    return MissingModelError(
+        f"Structure Dist's ViT {name_or_path!r} is not available ({cause}). Download it once on a machine that can "
+        "reach the model hub (it is then cached), point the metric preset at a local copy "
+        "(e.g. metrics.sd14.structure.name_or_path=/models/dino-vitb8), or evaluate offline runs of model=tiny or model=toy.")
 
 
 def structure_distance(self_similarity: KeySelfSimilarity, images: Tensor, references: Tensor) -> Tensor:

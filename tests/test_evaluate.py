@@ -16,6 +16,7 @@ from evaluation.job import run
 from evaluation.metrics import ClipMargin, KeySelfSimilarity, background_lpips, l1_distance, structure_distance
 from evaluation.report import METRICS
 from filters.clip_gain import ClipEncoder
+from filters.loading import MissingModelError
 
 CONF = Path(__file__).parents[1] / "conf"
 
@@ -199,3 +200,5 @@ def test_a_missing_student_or_metric_preset_is_one_clear_error(tmp_path):
     OmegaConf.save(config, tmp_path / "run" / "config.yaml")
     with pytest.raises(EvaluationError, match="no metric preset for model 'sdxl'"):
         run(evaluate_config(tmp_path))
+    with pytest.raises(MissingModelError, match=r"Structure Dist's ViT '.*no_dino' is not available \(no such file or folder\)"):
+        KeySelfSimilarity.from_pretrained(str(tmp_path / "no_dino"))
