@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from filters.clip_gain import ClipEncoder
-from filters.loading import MissingModelError
+from filters.loading import MissingModelError, ModelWrapper
 from filters.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_processor, pixel_transform
 
 DINO = "facebook/dino-vitb8"
@@ -38,7 +38,7 @@ class ClipMargin:
         return (similarity[:, 1] - similarity[:, 0]).cpu()
 
 
-class KeySelfSimilarity(nn.Module):
+class KeySelfSimilarity(ModelWrapper):
     """A ViT's last-layer key self-similarity: images B x 3 x H x W in [-1, 1] -> B x T x T cosines.
 
     Works with any transformers vision transformer whose attention layers project keys with a `k_proj`
@@ -54,14 +54,6 @@ class KeySelfSimilarity(nn.Module):
         if not projections:
             raise ValueError(f"{type(model).__name__} has no attention key projection (k_proj) to read")
         self.key_projection = projections[-1]
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from filters.loading import explain_missing
+from filters.loading import ModelWrapper, explain_missing
 from filters.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, interpolation_name, load_processor, pixel_transform
 
 TINY_OPEN_CLIP = "pairforge-tiny-clip"
@@ -53,21 +53,13 @@ def clip_scores(input_features: Tensor, edited_features: Tensor, source_text: Te
     }
 
 
-class ClipEncoder(nn.Module):
+class ClipEncoder(ModelWrapper):
     """A CLIP model's two towers: images B x 3 x H x W in [0, 1] and texts in, unit-length float32 features out."""
 
     def __init__(self, preprocess: nn.Module, logit_scale: float):
         super().__init__()
         self.preprocess = preprocess
         self.logit_scale = logit_scale
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     def image_features(self, pixels: Tensor) -> Tensor:
         raise NotImplementedError

@@ -9,7 +9,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from datagen.backbone import ModelUnavailableError
+
+
+class ModelWrapper(nn.Module):
+    """A wrapped pretrained model that reports where its weights live, for the inputs it is handed."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
 
 
 class MissingModelError(ModelUnavailableError):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from filters.loading import explain_missing
+from filters.loading import ModelWrapper, explain_missing
 from filters.preprocess import IMAGENET_MEAN, IMAGENET_STD, interpolation_name, load_processor, pixel_transform
 
 CLIPSEG = "CIDAS/clipseg-rd64-refined"
@@ -30,7 +30,7 @@ def mask_iou(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(union > 0, intersection / union.clamp(min=1), torch.nan)
 
 
-class ClipSegSegmenter(nn.Module):
+class ClipSegSegmenter(ModelWrapper):
     """CLIPSeg: images B x 3 x H x W in [0, 1] and one prompt per image in, B x H x W masks out."""
 
     def __init__(self, model: nn.Module, tokenizer, preprocess: nn.Module, mask_threshold: float = 0.5):
@@ -39,14 +39,6 @@ class ClipSegSegmenter(nn.Module):
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.mask_threshold = mask_threshold
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     @torch.no_grad()
     def probabilities(self, images: Tensor, prompts: list[str]) -> Tensor:
