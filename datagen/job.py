@@ -70,7 +70,7 @@ def plan_job(cfg: DictConfig) -> Job:
             bank_path(bank)
     missing = OmegaConf.missing_keys(cfg.source)
     if missing:
-        raise ConfigError(f"the source needs {', '.join(f'source.{key}=...' for key in sorted(missing))}")
+        raise ConfigError(f"the source needs {', '.join(f'{key}=...' for key in sorted(missing))}")
     try:
         source = instantiate(cfg.source)
     except InstantiationException as error:  # hydra wraps what the source's constructor raised

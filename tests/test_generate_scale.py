@@ -13,26 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from datagen import launch
 from datagen.shards import ShardWriter, finished_shards, read_jsonl
 from datagen.verify import verify_run
+from test_generate import generate_config
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-TINY = ["model=tiny", "model.tiny.unet_channels=[16,32]", "model.tiny.vae_channels=[16,32]", "filters=none",
-        "editor.num_inference_steps=1", "editor.num_inversion_steps=1", "cpu_threads=1", "device=cpu"]
 NO_LAUNCHER: dict[str, str] = {}  # the test process's own environment must not decide worker ranks
 
 
-def config(out_dir: Path, cache_dir: Path, *overrides: str):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("generate", [*TINY, f"out_dir={out_dir}", f"cache_dir={cache_dir}", *overrides])
-
-
 def synthetic(out_dir: Path, cache_dir: Path, *overrides: str):
-    return config(out_dir, cache_dir, "num_pairs=5", "shard_size=2", "batch_size=2", *overrides)
+    return generate_config(out_dir, cache_dir, "num_pairs=5", "shard_size=2", "batch_size=2", *overrides)
 
 
 def pairs(run_dir: Path) -> dict[str, dict]:
@@ -144,7 +136,7 @@ def test_folder_with_bad_files_makes_pairs_of_the_good_ones_and_logs_the_rest(tm
     (images / "notes.webp").write_text("not an image")
     Image.new("RGB", (8, 8), (0, 0, 0)).save(images / "speck.png")
     Image.new("RGB", (300, 300), (0, 0, 0)).save(images / "sub" / "poster.bmp")
-    cfg = config(tmp_path / "run", cache_dir, "source=folder", f"source.path={images}", "source.max_pixels=50000",
+    cfg = generate_config(tmp_path / "run", cache_dir, "source=folder", f"source.path={images}", "source.max_pixels=50000",
                  "shard_size=4", "batch_size=2")
 
     assert launch.main(cfg) == 0
