@@ -1,0 +1,288 @@
+"""Export of the distilled EMA generator: a TorchScript file that needs nothing but torch.
+
+    python export.py ckpt=RUN/checkpoints/last.ckpt out=generator.ts [dtype=float16] [onnx=generator.onnx]
+
+The file holds the scripted ``Generator`` in eval mode (deterministic: no dropout, no noise,
+``w = w_avg``), called as ``model(image)`` with ``image`` a float ``B x 3 x R x R`` tensor in
+[-1, 1] (R = ``resolution``) and returning the same shape in [-1, 1]. What a caller needs is stored
+in the file as the TorchScript extra file ``pairforge.json`` (readable from C++ through
+``torch::jit::load(path, device, extra_files)`` too):
+
+    files = {"pairforge.json": ""}
+    model = torch.jit.load("generator.ts", map_location="cpu", _extra_files=files)
+    meta = json.loads(files["pairforge.json"])   # resolution, input_range, dtype, task, ...
+
+Keys: ``resolution``, ``dtype``, ``channels`` ("RGB"), ``input_range`` / ``output_range`` (the
+generator's [-1, 1]; an RGB value ``v`` in [0, 1] is ``lo + v * (hi - lo)``), ``normalisation``
+(the same in words), ``task``, ``training_config_sha256`` (SHA-256 of the resolved training config
+as canonical JSON) with ``training_config_source`` and the config itself as ``training_config``,
+``generator`` (its constructor arguments), ``checkpoint`` (file name and ``global_step``) and the
+``torch_version`` that wrote the file.
+
+Nothing is written unless it works: the file is saved under a temporary name, loaded back
+(``torch.jit.load``, so exactly what a user gets) and compared with the eager EMA generator on
+random inputs on ``device``; a maximum absolute difference above ``PARITY_TOLERANCE`` (fp32: 1e-5)
+deletes it and raises ``ParityError``. fp16 files are compared with the eager generator in fp16.
+An ONNX copy (opset ``ONNX_OPSET``, dynamic batch) is checked the same way with onnxruntime when
+it is installed.
+
+Checkpoints are read with ``torch.load(weights_only=True)``: only tensors and plain containers,
+never arbitrary pickled objects. The generator is rebuilt from the checkpoint's
+``hyper_parameters["generator"]`` only if its ``_target_`` is ``models.comodgan.Generator``
+(instantiating any other class named by a file would run code the file chose). Every problem
+with the checkpoint is a ``CheckpointError`` whose message starts with the path and then says:
+
+    "no such file"                                   missing
+    "is truncated or corrupt"                        not a complete torch archive
+    "is not a torch checkpoint"                      some other file (an image, text, TorchScript)
+    "holds objects other than tensors"               a pickle weights_only=True refuses
+    "is not a pairforge distillation checkpoint"     no G_ema weights / generator config
+    "is from another architecture"                   another generator class, or weights that
+                                                     do not fit the generator config
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from models.comodgan import Generator
+
+GENERATOR_TARGET = "models.comodgan.Generator"
+EMA_PREFIX = "G_ema."
+METADATA_FILE = "pairforge.json"
+VALUE_RANGE = (-1.0, 1.0)
+PARITY_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2}
+ONNX_OPSET = 18
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be exported; the message names the file and the reason."""
+
+
+class ParityError(RuntimeError):
+    """The exported file does not compute what the eager generator computes; nothing was written."""
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    max_abs_diff: float
+    metadata: dict
+    onnx_path: Path | None = None
+    onnx_max_abs_diff: float | None = None   # None: onnxruntime is not installed, no check was run
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """`torch.load(path, weights_only=True)`, with every failure turned into one CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (train one with `python train.py ... out_dir=RUN`; "
+                              f"its checkpoints are RUN/checkpoints/*.ckpt)")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head[:2] == b"PK":  # a zip whose central directory (written last) is missing
+            raise CheckpointError(f"{path} is truncated or corrupt (an incomplete torch archive); "
+                                  f"was it copied or written to the end?")
+        raise CheckpointError(f"{path} is not a torch checkpoint (a checkpoint is a zip archive "
+                              f"written by torch.save)")
+    if "constants.pkl" in {Path(name).name for name in zipfile.ZipFile(path).namelist()}:
+        raise CheckpointError(f"{path} is not a torch checkpoint but a TorchScript file: it is already exported")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # what weights_only=True raises on anything but plain data
+        raise CheckpointError(f"{path} holds objects other than tensors and plain containers; refusing to "
+                              f"unpickle it (weights_only=True). {str(error).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"{path} is truncated or corrupt ({str(error).splitlines()[0]})") from None
+
+
+def load_ema_generator(checkpoint: dict, path: str | os.PathLike) -> Generator:
+    """The EMA generator of a distillation checkpoint (layout: `distill/module.py`), in eval mode."""
+    state_dict = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    config = (checkpoint.get("hyper_parameters") or {}).get("generator") if isinstance(checkpoint, dict) else None
+    weights = {k.removeprefix(EMA_PREFIX): v for k, v in (state_dict or {}).items() if k.startswith(EMA_PREFIX)}
+    if not weights or not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a pairforge distillation checkpoint: it lacks the EMA generator "
+                              f"(state_dict['G_ema.*'] and hyper_parameters['generator'])")
+    arguments = dict(config)
+    target = arguments.pop("_target_", None)
+    if target != GENERATOR_TARGET:
+        raise CheckpointError(f"{path} is from another architecture: its generator is {target!r}, "
+                              f"this export knows {GENERATOR_TARGET!r}")
+    try:
+        generator = Generator(**arguments)
+        generator.load_state_dict(weights)
+    except (TypeError, ValueError, RuntimeError) as error:
+        reason = str(error).replace("\n\t", " ").splitlines()[0 if isinstance(error, TypeError) else -1]
+        raise CheckpointError(f"{path} is from another architecture: its G_ema weights do not fit the "
+                              f"generator config {arguments} ({reason.strip()[:300]})") from None
+    return generator.eval().requires_grad_(False)
+
+
+def config_sha256(config: dict) -> str:
+    """SHA-256 of a resolved config as canonical JSON: equal configs hash equally whatever their key order."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def training_config(checkpoint: dict, path: Path) -> tuple[dict, str]:
+    """The resolved training config and where it came from.
+
+    `train.py` saves it as RUN/config.yaml beside RUN/checkpoints/; a checkpoint moved away from its
+    run falls back to the module's hyper-parameters (the `distill` part of the config).
+    """
+    run_config = path.resolve().parent.parent / "config.yaml"
+    if run_config.is_file():
+        return OmegaConf.to_container(OmegaConf.load(run_config), resolve=True), str(run_config)
+    return checkpoint["hyper_parameters"], "checkpoint hyper_parameters (the distill config only)"
+
+
+def trained_task(config: dict) -> str | None:
+    """The task's name from the training config, else from the generation run the pairs came from."""
+    if (config.get("task") or {}).get("name"):
+        return config["task"]["name"]
+    data_path = (config.get("data") or {}).get("path")
+    generation_config = Path(str(data_path)) / "config.yaml" if isinstance(data_path, str) else None
+    if generation_config is not None and generation_config.is_file():
+        return (OmegaConf.load(generation_config).get("task") or {}).get("name")
+    return None
+
+
+def describe(checkpoint: dict, path: Path, generator: Generator, dtype: torch.dtype, task: str | None) -> dict:
+    """The metadata stored in the exported file (keys documented in the module doc)."""
+    config, source = training_config(checkpoint, path)
+    arguments = {k: v for k, v in checkpoint["hyper_parameters"]["generator"].items() if k != "_target_"}
+    return {
+        "format": "pairforge.translator/1",
+        "resolution": generator.resolution,
+        "dtype": str(dtype).removeprefix("torch."),
+        "channels": "RGB",
+        "layout": "B x 3 x resolution x resolution, float, contiguous or channels_last",
+        "input_range": list(VALUE_RANGE),
+        "output_range": list(VALUE_RANGE),
+        "normalisation": "input = 2 * rgb - 1 for RGB values rgb in [0, 1]; rgb = (output + 1) / 2",
+        "task": task or trained_task(config),
+        "training_config_sha256": config_sha256(config),
+        "training_config_source": source,
+        "training_config": config,
+        "generator": arguments,
+        "checkpoint": {"file": path.name, "global_step": checkpoint.get("global_step")},
+        "torch_version": torch.__version__,
+    }
+
+
+def parity_inputs(resolution: int, batch: int, device: torch.device, seed: int = 0) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(batch, 3, resolution, resolution, generator=generator) * 2 - 1).to(device)
+
+
+def max_abs_diff(a: Tensor, b: Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def check_parity(name: str, difference: float, dtype: torch.dtype, out: Path) -> None:
+    if not difference <= PARITY_TOLERANCE[dtype]:  # also catches NaN
+        raise ParityError(f"{name} differs from the eager generator by {difference:.3g} (max abs, "
+                          f"{str(dtype).removeprefix('torch.')}; allowed {PARITY_TOLERANCE[dtype]:g}): "
+                          f"{out} not written")
+
+
+@torch.no_grad()
+def save_torchscript(generator: Generator, out: Path, metadata: dict, device: torch.device,
+                     dtype: torch.dtype, batch: int = 2) -> float:
+    """Script `generator`, save it with `metadata`, and keep the file only if it loads back equal."""
+    generator = generator.to(device, dtype)
+    partial = out.with_name(out.name + ".partial")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.jit.save(torch.jit.script(generator), str(partial), _extra_files={METADATA_FILE: json.dumps(metadata)})
+        files = {METADATA_FILE: ""}
+        loaded = torch.jit.load(str(partial), map_location=device, _extra_files=files)
+        if json.loads(files[METADATA_FILE]) != metadata:
+            raise ParityError(f"the metadata read back from the TorchScript file differs: {out} not written")
+        x = parity_inputs(generator.resolution, batch, device).to(dtype)
+        difference = max_abs_diff(loaded(x), generator(x))
+        check_parity("the TorchScript file", difference, dtype, out)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return difference
+
+
+@torch.no_grad()
+def save_onnx(generator: Generator, out: Path, dtype: torch.dtype, device: torch.device,
+              batch: int = 2) -> float | None:
+    """ONNX (opset ONNX_OPSET, batch axis dynamic); checked with onnxruntime when installed, else None."""
+    generator = generator.to(device, dtype)
+    x = parity_inputs(generator.resolution, batch, device).to(dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial.onnx")
+    try:
+        try:
+            program = torch.onnx.export(generator, (x,), input_names=["image"], output_names=["output"],
+                                        opset_version=ONNX_OPSET, dynamo=True, external_data=False,
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},))
+        except ImportError as error:
+            raise RuntimeError(f"ONNX export needs the packages onnx and onnxscript ({error}); "
+                               f"pip install onnx onnxscript, or leave out onnx=") from None
+        program.save(str(partial))
+        difference = None
+        try:
+            import onnxruntime
+        except ImportError:
+            pass
+        else:
+            session = onnxruntime.InferenceSession(str(partial), providers=["CPUExecutionProvider"])
+            (output,) = session.run(None, {"image": x.cpu().numpy()})
+            difference = max_abs_diff(torch.from_numpy(output), generator(x).cpu())
+            check_parity("the ONNX file (onnxruntime, CPU)", difference, dtype, out)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return difference
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device}, but torch sees no CUDA device; use device=cpu or device=auto")
+    return torch.device(device)
+
+
+def export(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32", device: str = "auto",
+           onnx: str | os.PathLike | None = None, task: str | None = None) -> ExportReport:
+    """Export the EMA generator of `ckpt` to the TorchScript file `out` (and `onnx`), parity-checked."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype}: choose one of {', '.join(DTYPES)}")
+    torch_dtype, torch_device = DTYPES[dtype], resolve_device(device)
+    if torch_device.type == "cuda":  # fp32 parity to 1e-5 needs full-precision matmuls and convolutions
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    ckpt = Path(ckpt)
+    checkpoint = read_checkpoint(ckpt)
+    generator = load_ema_generator(checkpoint, ckpt)
+    metadata = describe(checkpoint, ckpt, generator, torch_dtype, task)
+    report = ExportReport(Path(out), save_torchscript(generator, Path(out), metadata, torch_device, torch_dtype), metadata)
+    if onnx is not None:
+        report.onnx_path = Path(onnx)
+        report.onnx_max_abs_diff = save_onnx(generator, Path(onnx), torch_dtype, torch_device)
+    return report
+
+
+def metadata_of(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of an exported TorchScript file (what `translate.py` reads)."""
+    files = {METADATA_FILE: ""}
+    torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+    return json.loads(files[METADATA_FILE])
