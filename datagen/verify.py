@@ -46,10 +46,7 @@ class VerifyReport:
 def shard_problems(path: Path, record: ShardRecord, expected: range) -> list[str]:
     """What is wrong with one recorded shard (empty: nothing)."""
     name = record.shard
-    if sha256_file(path) != record.sha256:
-        problems = [f"{name}: checksum differs from the manifest (damaged or replaced)"]
-    else:
-        problems = []
+    problems = [] if sha256_file(path) == record.sha256 else [f"{name}: checksum differs from the manifest (damaged or replaced)"]
     members: dict[str, dict[str, bytes]] = defaultdict(dict)
     try:
         with tarfile.open(path, "r:") as tar:
@@ -91,11 +88,13 @@ def verify_run(run_dir: Path) -> VerifyReport:
         record = ShardRecord(**row)
         records[record.index] = record
     shard_dir = run_dir / "shards"
+    present = 0
     for index, record in sorted(records.items()):
         path = shard_dir / record.shard
         if not path.is_file():
             report.notes.append(f"{record.shard}: recorded but absent; a rerun makes it again")
             continue
+        present += 1
         expected = range(index * cfg.shard_size, min((index + 1) * cfg.shard_size, cfg.num_pairs))
         problems = shard_problems(path, record, expected)
         report.problems += problems
@@ -107,7 +106,7 @@ def verify_run(run_dir: Path) -> VerifyReport:
     if unrecorded:
         report.notes.append(f"{len(unrecorded)} shard file(s) not in the manifest (killed before recording: "
                             f"a rerun makes them again): {', '.join(unrecorded[:5])}")
-    unfinished = report.shards_total - len(records)
+    unfinished = report.shards_total - present
     if unfinished > 0:
         report.notes.append(f"{unfinished} shard(s) not finished yet: rerun the same command to make them")
     if report.problems:

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from datagen import launch
+from datagen.editor import Pix2PixZero
 from datagen.shards import ShardWriter, finished_shards, read_jsonl
 from datagen.verify import verify_run
 from test_generate import generate_config
@@ -110,7 +111,7 @@ def test_other_settings_on_an_existing_out_dir_are_refused(unbroken, cache_dir):
         launch.run_workers(synthetic(unbroken, cache_dir, "seed=1", "editor.guidance_scale=3"), NO_LAUNCHER)
 
 
-def test_verify_passes_a_whole_run_and_names_a_truncated_shard(tmp_path, unbroken):
+def test_verify_passes_a_whole_run_and_names_a_truncated_shard(tmp_path, cache_dir, unbroken, capsys):
     assert verify_run(unbroken).ok
     run_dir = tmp_path / "run"
     shutil.copytree(unbroken, run_dir)
@@ -120,6 +121,25 @@ def test_verify_passes_a_whole_run_and_names_a_truncated_shard(tmp_path, unbroke
     assert not report.ok and (report.shards_ok, report.pairs_ok) == (2, 3)
     assert all("pairs-000001.tar" in problem for problem in report.problems)
     assert any("checksum" in problem for problem in report.problems)
+    assert launch.main(synthetic(run_dir, cache_dir, "verify=true")) == 1  # generate.py ... verify=true
+    assert "2 of 3 shards verified (3 pairs)" in capsys.readouterr().out
+
+
+def test_non_finite_latents_reject_the_sample_not_its_batch(tmp_path, cache_dir, monkeypatch):
+    initial_noise = Pix2PixZero.initial_noise
+
+    def poisoned(self, seeds):  # seed 1's x_T holds a NaN; the engine must carry it to its own sample only
+        noise = initial_noise(self, seeds)
+        if 1 in seeds:
+            noise[seeds.index(1), 0, 0, 0] = float("nan")
+        return noise
+
+    monkeypatch.setattr(Pix2PixZero, "initial_noise", poisoned)
+    launch.run_workers(generate_config(tmp_path / "run", cache_dir, "num_pairs=3", "batch_size=3"), NO_LAUNCHER)
+    (record,) = finished_shards(tmp_path / "run").values()
+    assert record.keys == ["000000000", "000000002"]
+    assert [(r["index"], r["reason"]) for r in record.rejects] == [(1, "non-finite latents")]
+    assert read_jsonl(tmp_path / "run" / "rejects.jsonl") == [{"shard": 0, **record.rejects[0]}]
 
 
 def test_folder_with_bad_files_makes_pairs_of_the_good_ones_and_logs_the_rest(tmp_path, cache_dir, capsys):
