@@ -25,9 +25,6 @@ from datagen.backbone import ModelUnavailableError
 from datagen.directions import BankError
 from datagen.verify import verify_run
 
-log = logging.getLogger("pairforge.generate")
-
-
 class WorkerFailed(RuntimeError):
     """A local worker process died; its shards in progress are redone by a rerun."""
 
@@ -66,8 +63,8 @@ def launcher_place(env: Mapping[str, str]) -> LauncherPlace:
 
 
 def worker_slots(worker: Mapping, devices: int | str, device: str, env: Mapping[str, str], num_gpus: int) -> list[WorkerSlot]:
-    """The workers this process runs. `devices`: a count, or `auto` (one per visible GPU, or one where the
-    launcher already gave this process its GPU, or on a machine without GPUs)."""
+    """The workers this process runs. `devices`: a count, or `auto`: one per visible GPU, unless the launcher
+    already gave this process its GPU or the workers run on one named device (cpu, cuda:N)."""
     if (worker["rank"] is None) != (worker["count"] is None):
         raise job.ConfigError("set both worker.rank and worker.count, or neither (then the launcher's environment decides)")
     place = launcher_place(env)
@@ -75,40 +72,35 @@ def worker_slots(worker: Mapping, devices: int | str, device: str, env: Mapping[
         place = LauncherPlace(worker["rank"], worker["count"], None)
     if not 0 <= place.rank < place.count:
         raise job.ConfigError(f"worker.rank must be in [0, worker.count), got rank={place.rank}, count={place.count}")
+    spread = device in ("auto", "cuda") and num_gpus > 0  # each local worker on its own GPU
     if devices == "auto":
-        local = 1 if place.local_rank is not None else max(num_gpus, 1)
+        local = num_gpus if spread and place.local_rank is None else 1
     elif isinstance(devices, int) and devices > 0:
         local = devices
     else:
         raise job.ConfigError(f"devices must be a positive count or 'auto', got {devices!r}")
     slots = []
     for g in range(local):
-        if device != "auto" or num_gpus == 0:
-            where = device if device != "auto" else "cpu"
-        else:
-            where = f"cuda:{(place.local_rank if place.local_rank is not None else g) % num_gpus}"
+        gpu = place.local_rank if place.local_rank is not None else g
+        where = f"cuda:{gpu % num_gpus}" if spread else ("cpu" if device == "auto" else device)
         slots.append(WorkerSlot(place.rank * local + g, place.count * local, where))
     return slots
 
 
-def with_slot(cfg: DictConfig, slot: WorkerSlot) -> DictConfig:
+def run_local(cfg: DictConfig, slot: WorkerSlot, position: int, cpu_threads: int) -> None:
+    if slot.device == "cpu":
+        torch.set_num_threads(cpu_threads)
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.worker.rank, cfg.worker.count, cfg.device = slot.rank, slot.count, slot.device
-    return cfg
+    job.run(cfg, position)
 
 
-def cpu_threads(cfg: DictConfig, local_workers: int) -> int:
-    """Local CPU workers share the cores unless `cpu_threads` says otherwise."""
-    return cfg.cpu_threads or max(1, (os.cpu_count() or 1) // local_workers)
-
-
-def _local_worker(container: dict, slot: WorkerSlot, position: int, threads: int) -> None:
-    """Entry point of a local worker process."""
+def _child(container: dict, slot: WorkerSlot, position: int, cpu_threads: int) -> None:
+    """Entry point of a local worker process: its own log, and user errors as one line."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    torch.set_num_threads(threads)
     try:
-        job.run(with_slot(OmegaConf.create(container), slot), position)
+        run_local(OmegaConf.create(container), slot, position, cpu_threads)
     except USER_ERRORS as error:
         print(f"error: worker {slot.rank}: {error}", file=sys.stderr)
         sys.exit(2)
@@ -121,16 +113,15 @@ def run_workers(cfg: DictConfig, env: Mapping[str, str] | None = None) -> job.Su
                          torch.cuda.device_count())
     out_dir = Path(cfg.out_dir)
     job.claim_out_dir(job.plan_job(cfg), out_dir)
+    cpu_threads = cfg.cpu_threads or max(1, (os.cpu_count() or 1) // len(slots))  # local CPU workers share the cores
     if len(slots) == 1:
-        if slots[0].device == "cpu" and cfg.cpu_threads:
-            torch.set_num_threads(cfg.cpu_threads)
-        job.run(with_slot(cfg, slots[0]))
+        run_local(cfg, slots[0], 0, cpu_threads)
     else:
         # CUDA cannot run in a forked child; CPU workers fork, which spares each a fresh import of torch and diffusers.
         context = multiprocessing.get_context("spawn" if any(s.device.startswith("cuda") for s in slots) else "fork")
         container = OmegaConf.to_container(cfg, resolve=True)
-        processes = [context.Process(target=_local_worker, args=(container, slot, g, cpu_threads(cfg, len(slots))),
-                                     name=f"worker-{slot.rank}") for g, slot in enumerate(slots)]
+        processes = [context.Process(target=_child, args=(container, slot, g, cpu_threads), name=f"worker-{slot.rank}")
+                     for g, slot in enumerate(slots)]
         for process in processes:
             process.start()
         for process in processes:

@@ -162,6 +162,7 @@ def test_worker_slots_one_per_gpu_numbered_across_processes():
     assert worker_slots({"rank": 1, "count": 2}, "auto", "auto", torchrun, num_gpus=2) == [  # the config wins
         WorkerSlot(2, 4, "cuda:0"), WorkerSlot(3, 4, "cuda:1")]
     assert worker_slots(unset, "auto", "auto", {}, num_gpus=0) == [WorkerSlot(0, 1, "cpu")]
+    assert worker_slots(unset, "auto", "cuda:1", {}, num_gpus=4) == [WorkerSlot(0, 1, "cuda:1")]  # one named device
     assert worker_slots(unset, 2, "cpu", {}, num_gpus=0) == [WorkerSlot(0, 2, "cpu"), WorkerSlot(1, 2, "cpu")]
 
 
