@@ -43,14 +43,14 @@ with the checkpoint is a ``CheckpointError`` whose message starts with the path 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
 import torch
 from omegaconf import OmegaConf
 from torch import Tensor
@@ -64,6 +64,9 @@ VALUE_RANGE = (-1.0, 1.0)
 PARITY_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2}
 ONNX_OPSET = 18
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+# TorchScript is what this export promises (libtorch loads it); torch 2.14's notice that it is deprecated is noise here
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
 
 
 class CheckpointError(ValueError):
@@ -102,8 +105,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # what weights_only=True raises on anything but plain data
+        reason = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
         raise CheckpointError(f"{path} holds objects other than tensors and plain containers; refusing to "
-                              f"unpickle it (weights_only=True). {str(error).splitlines()[0]}") from None
+                              f"unpickle it (weights_only=True). {reason}".strip()) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"{path} is truncated or corrupt ({str(error).splitlines()[0]})") from None
 
@@ -160,10 +164,10 @@ def trained_task(config: dict) -> str | None:
 
 
 def describe(checkpoint: dict, path: Path, generator: Generator, dtype: torch.dtype, task: str | None) -> dict:
-    """The metadata stored in the exported file (keys documented in the module doc)."""
+    """The metadata stored in the exported file (keys documented in the module doc), as JSON reads it back."""
     config, source = training_config(checkpoint, path)
     arguments = {k: v for k, v in checkpoint["hyper_parameters"]["generator"].items() if k != "_target_"}
-    return {
+    metadata = {
         "format": "pairforge.translator/1",
         "resolution": generator.resolution,
         "dtype": str(dtype).removeprefix("torch."),
@@ -180,6 +184,7 @@ def describe(checkpoint: dict, path: Path, generator: Generator, dtype: torch.dt
         "checkpoint": {"file": path.name, "global_step": checkpoint.get("global_step")},
         "torch_version": torch.__version__,
     }
+    return json.loads(json.dumps(metadata, default=str))  # tuples become lists, as in the file
 
 
 def parity_inputs(resolution: int, batch: int, device: torch.device, seed: int = 0) -> Tensor:
@@ -229,13 +234,9 @@ def save_onnx(generator: Generator, out: Path, dtype: torch.dtype, device: torch
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial.onnx")
     try:
-        try:
-            program = torch.onnx.export(generator, (x,), input_names=["image"], output_names=["output"],
-                                        opset_version=ONNX_OPSET, dynamo=True, external_data=False,
-                                        dynamic_shapes=({0: torch.export.Dim("batch")},))
-        except ImportError as error:
-            raise RuntimeError(f"ONNX export needs the packages onnx and onnxscript ({error}); "
-                               f"pip install onnx onnxscript, or leave out onnx=") from None
+        program = torch.onnx.export(generator, (x,), input_names=["image"], output_names=["output"],
+                                    opset_version=ONNX_OPSET, dynamo=True, external_data=False, verbose=False,
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
         program.save(str(partial))
         difference = None
         try:
@@ -253,6 +254,13 @@ def save_onnx(generator: Generator, out: Path, dtype: torch.dtype, device: torch
     return difference
 
 
+def require_onnx_exporter() -> None:
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RuntimeError(f"ONNX export needs {' and '.join(missing)} (pip install onnx onnxscript onnxruntime, "
+                           f"or pairforge[onnx]); or leave out onnx=")
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -267,6 +275,8 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str = "float3
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype}: choose one of {', '.join(DTYPES)}")
     torch_dtype, torch_device = DTYPES[dtype], resolve_device(device)
+    if onnx is not None:
+        require_onnx_exporter()
     if torch_device.type == "cuda":  # fp32 parity to 1e-5 needs full-precision matmuls and convolutions
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -280,9 +290,3 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str = "float3
         report.onnx_max_abs_diff = save_onnx(generator, Path(onnx), torch_dtype, torch_device)
     return report
 
-
-def metadata_of(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of an exported TorchScript file (what `translate.py` reads)."""
-    files = {METADATA_FILE: ""}
-    torch.jit.load(str(path), map_location="cpu", _extra_files=files)
-    return json.loads(files[METADATA_FILE])
