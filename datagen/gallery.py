@@ -115,7 +115,8 @@ for (const field of fields) {
   document.getElementById("sort").append(new Option(field, field));
 }
 document.getElementById("sort").addEventListener("change", (e) => go({ sort: e.target.value, page: 1 }));
-document.getElementById("order").addEventListener("click", () => go({ order: state().order === "asc" ? "desc" : "asc", page: 1 }));
+document.getElementById("order").addEventListener("click",
+  () => go({ order: state().order === "asc" ? "desc" : "asc", page: 1 }));
 document.getElementById("prev").addEventListener("click", () => go({ page: state().page - 1 }));
 document.getElementById("next").addEventListener("click", () => go({ page: state().page + 1 }));
 window.addEventListener("hashchange", render);
@@ -154,7 +155,7 @@ def write_gallery(run_dir: Path, per_page: int = 100, thumb_size: int = 160) -> 
     data = {
         "title": f"{config.task.name}: {len(items)} pairs ({run_dir.name})",
         "per_page": per_page, "scores": sorted(score_names), "items": items,
-        "thresholds": {k: v for k, v in OmegaConf.to_container(config.task.get("thresholds") or {}).items() if v is not None},
+        "thresholds": {name: v for name, v in (config.task.get("thresholds") or {}).items() if v is not None},
     }
     (out / "data.js").write_text(f"const GALLERY = {json.dumps(data)};\n", encoding="utf-8")
     (out / "index.html").write_text(PAGE, encoding="utf-8")

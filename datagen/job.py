@@ -167,7 +167,8 @@ class Worker:
             if not result.finite[i]:  # one diverged sample is rejected, not its batch
                 writer.reject(sample.index, "non-finite latents", sample.meta.get("source", ""))
                 continue
-            meta = sample_meta(self.cfg, sample, "caption" if real else "prompt", result.seconds / len(samples), result.unet_evals)
+            kind = "caption" if real else "prompt"
+            meta = sample_meta(self.cfg, sample, kind, result.seconds / len(samples), result.unet_evals)
             meta["xa_loss"] = round(float(result.xa_loss[i]), 6)
             if scores is not None:
                 meta["scores"] = scores[i]

@@ -62,7 +62,8 @@ def launcher_place(env: Mapping[str, str]) -> LauncherPlace:
     return LauncherPlace(0, 1, None)
 
 
-def worker_slots(worker: Mapping, devices: int | str, device: str, env: Mapping[str, str], num_gpus: int) -> list[WorkerSlot]:
+def worker_slots(worker: Mapping, devices: int | str, device: str, env: Mapping[str, str],
+                 num_gpus: int) -> list[WorkerSlot]:
     """The workers this process runs. `devices`: a count, or `auto`: one per visible GPU, unless the launcher
     already gave this process its GPU or the workers run on one named device (cpu, cuda:N)."""
     if (worker["rank"] is None) != (worker["count"] is None):

@@ -174,7 +174,7 @@ class ShardsSource(ImageSource):
         paths = sorted(root.glob("*.tar")) if root.is_dir() else [Path(url).expanduser() for url in expand_urls(urls)]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
-            raise SourceError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise SourceError(f"{len(missing)} shard(s) not found, the first: {missing[0]}")
         self.entries = [entry for path in paths for entry in self.scan(path)]
         if not self.entries:
             raise SourceError(f"no samples with an image ({', '.join(IMAGE_SUFFIXES)}) in the shards {urls}")

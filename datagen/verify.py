@@ -46,7 +46,9 @@ class VerifyReport:
 def shard_problems(path: Path, record: ShardRecord, expected: range) -> list[str]:
     """What is wrong with one recorded shard (empty: nothing)."""
     name = record.shard
-    problems = [] if sha256_file(path) == record.sha256 else [f"{name}: checksum differs from the manifest (damaged or replaced)"]
+    problems = []
+    if sha256_file(path) != record.sha256:
+        problems.append(f"{name}: checksum differs from the manifest (damaged or replaced)")
     members: dict[str, dict[str, bytes]] = defaultdict(dict)
     try:
         with tarfile.open(path, "r:") as tar:

@@ -166,7 +166,8 @@ def test_folder_with_bad_files_makes_pairs_of_the_good_ones_and_logs_the_rest(tm
     made = {sample["json"]["source"]: sample for sample in pairs(tmp_path / "run").values()}
     assert sorted(made) == ["blue.png", "clear.png", "sub/cmyk.jpg", "sub/grey16.png"]
     assert made["blue.png"]["json"]["caption"] == "a photo of a cat"
-    expected_rgb = {"blue.png": (0, 0, 255), "clear.png": (255, 255, 255), "sub/cmyk.jpg": (255, 0, 0), "sub/grey16.png": (117, 117, 117)}
+    expected_rgb = {"blue.png": (0, 0, 255), "clear.png": (255, 255, 255), "sub/cmyk.jpg": (255, 0, 0),
+                    "sub/grey16.png": (117, 117, 117)}
     for name, rgb in expected_rgb.items():
         pixels = np.asarray(Image.open(io.BytesIO(made[name]["input.png"])))
         assert pixels.shape == (64, 64, 3)
