@@ -110,10 +110,11 @@ class ImageSource(ABC):
     """Real images with optional captions, in a fixed order. Subclasses list the inputs and read their bytes."""
 
     def __init__(self, resolution: int, fit: str = "center_crop", min_side: int = 32, max_pixels: int = 64_000_000,
-                 seed: int = 0) -> None:
+                 seed: int = 0, caption: str | None = None) -> None:
         if fit not in FIT_MODES:
             raise SourceError(f"source.fit must be one of {', '.join(FIT_MODES)}, not {fit!r}")
         self.resolution, self.fit, self.min_side, self.max_pixels, self.seed = resolution, fit, min_side, max_pixels, seed
+        self.caption = caption
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -128,7 +129,7 @@ class ImageSource(ABC):
             image = decode_image(data, self.resolution, self.fit, self.min_side, self.max_pixels)
         except InputRejected as error:
             raise InputRejected(error.reason, f"{name}: {error.detail}" if error.detail else name) from None
-        return Sample(index, self.seed + index, caption, image, {"source": name})
+        return Sample(index, self.seed + index, self.caption or caption, image, {"source": name})
 
 
 class FolderSource(ImageSource):

@@ -172,3 +172,16 @@ def test_slurm_launcher_preset_composes(tmp_path):
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.name, launcher.tasks_per_node, launcher.nodes) == ("pairforge-cat2dog", 1, 1)
     assert all(key in launcher for key in ("timeout_min", "gpus_per_node", "array_parallelism", "submitit_folder"))
+
+
+def test_a_configured_caption_wins_over_sidecars(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(encoded((255, 0, 0), fmt="PNG"))
+    (images / "a.txt").write_text("a red square")
+    (images / "b.png").write_bytes(encoded((0, 255, 0), fmt="PNG"))
+    sidecar = plan_job(generate_config(tmp_path / "run", tmp_path / "cache", "source=folder", f"source.path={images}"))
+    assert [sidecar.source[i].prompt for i in range(2)] == ["a red square", None]  # None: BLIP captions it
+    fixed = plan_job(generate_config(tmp_path / "run2", tmp_path / "cache", "source=folder", f"source.path={images}",
+                                     "source.caption='a photo of a cat'"))
+    assert [fixed.source[i].prompt for i in range(2)] == ["a photo of a cat"] * 2
