@@ -6,14 +6,14 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from distill.export import CheckpointError, ParityError, export
+from distill.export import ONNX_OPSET, ExportError, export
 
 
 @hydra.main(config_path="conf", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         report = export(cfg.ckpt, cfg.out, dtype=cfg.dtype, device=cfg.device, onnx=cfg.onnx, task=cfg.task)
-    except (CheckpointError, ParityError, ValueError, RuntimeError) as error:
+    except ExportError as error:
         logging.getLogger("pairforge.export").error("%s", error)
         sys.exit(2)
     meta = report.metadata
@@ -23,7 +23,7 @@ def main(cfg: DictConfig) -> None:
     if report.onnx_path is not None:
         check = ("not checked (onnxruntime is not installed)" if report.onnx_max_abs_diff is None
                  else f"max abs difference (onnxruntime) {report.onnx_max_abs_diff:.3g}")
-        print(f"wrote {report.onnx_path} (ONNX opset 18): {check}")
+        print(f"wrote {report.onnx_path} (ONNX opset {ONNX_OPSET}): {check}")
 
 
 if __name__ == "__main__":

@@ -64,19 +64,20 @@ class Options:
 
 def parse_options(argv: list[str]) -> Options:
     """`key=value` arguments, as the other pairforge commands take them."""
-    names = {field.name: field for field in fields(Options)}
-    values: dict[str, object] = {}
+    names = [field.name for field in fields(Options)]
+    values: dict[str, str] = {}
     for argument in argv:
         key, sep, value = argument.partition("=")
         if not sep or key not in names:
             raise TranslateError(f"unknown argument {argument!r}; expected key=value with keys {', '.join(names)}")
         values[key] = value
-    if not values.get("batch_size", "1").isdigit() or int(values.get("batch_size", "1")) < 1:
-        raise TranslateError(f"batch_size={values['batch_size']}: expected a positive integer")
     missing = [name for name in ("model", "input", "output") if name not in values]
     if missing:
         raise TranslateError(f"missing {', '.join(f'{name}=' for name in missing)} (usage: {__doc__.splitlines()[0]})")
-    options = Options(**{**values, "batch_size": int(values.get("batch_size", Options.batch_size))})
+    batch_size = values.pop("batch_size", str(Options.batch_size))
+    if not batch_size.isdigit() or int(batch_size) < 1:
+        raise TranslateError(f"batch_size={batch_size}: expected a positive integer")
+    options = Options(**values, batch_size=int(batch_size))
     if options.video not in ("auto", "video", "frames"):
         raise TranslateError(f"video={options.video}: choose auto, video or frames")
     return options
@@ -133,8 +134,11 @@ class Translator:
 
 
 def read_image(path: Path) -> torch.Tensor:
-    with Image.open(path) as image:
-        return TF.pil_to_tensor(ImageOps.exif_transpose(image).convert("RGB"))
+    try:
+        with Image.open(path) as image:
+            return TF.pil_to_tensor(ImageOps.exif_transpose(image).convert("RGB"))
+    except OSError as error:  # PIL's errors for unknown, truncated or unreadable files
+        raise TranslateError(f"{path}: cannot read the image ({error})") from None
 
 
 def write_image(image: torch.Tensor, path: Path) -> None:
@@ -259,6 +263,9 @@ def translate_video(translator: Translator, source: Path, out_dir: Path, options
 
 
 def main(argv: list[str]) -> None:
+    if {"-h", "--help", "help"} & set(argv):
+        print(__doc__)
+        return
     try:
         translate(parse_options(argv))
     except TranslateError as error:

@@ -47,10 +47,13 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from textwrap import shorten
+
 import torch
 from omegaconf import OmegaConf
 from torch import Tensor
@@ -69,11 +72,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16}
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
 
 
-class CheckpointError(ValueError):
+class ExportError(Exception):
+    """Nothing was exported; the message says why in one line."""
+
+
+class CheckpointError(ExportError):
     """The checkpoint cannot be exported; the message names the file and the reason."""
 
 
-class ParityError(RuntimeError):
+class ParityError(ExportError):
     """The exported file does not compute what the eager generator computes; nothing was written."""
 
 
@@ -94,29 +101,33 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
                               f"its checkpoints are RUN/checkpoints/*.ckpt)")
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
-            head = f.read(4)
-        if head[:2] == b"PK":  # a zip whose central directory (written last) is missing
-            raise CheckpointError(f"{path} is truncated or corrupt (an incomplete torch archive); "
-                                  f"was it copied or written to the end?")
-        raise CheckpointError(f"{path} is not a torch checkpoint (a checkpoint is a zip archive "
-                              f"written by torch.save)")
-    if "constants.pkl" in {Path(name).name for name in zipfile.ZipFile(path).namelist()}:
+            if f.read(2) == b"PK":  # a zip whose central directory (written last) is missing
+                raise CheckpointError(f"{path} is truncated or corrupt (an incomplete torch archive); "
+                                      f"was it copied or written to the end?")
+        raise CheckpointError(f"{path} is not a torch checkpoint (a checkpoint is a zip archive written by torch.save)")
+    with zipfile.ZipFile(path) as archive:
+        names = {Path(name).name for name in archive.namelist()}
+    if "constants.pkl" in names:
         raise CheckpointError(f"{path} is not a torch checkpoint but a TorchScript file: it is already exported")
+    if "data.pkl" not in names:
+        raise CheckpointError(f"{path} is not a torch checkpoint (a zip archive, but not one written by torch.save)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # what weights_only=True raises on anything but plain data
-        reason = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
-        raise CheckpointError(f"{path} holds objects other than tensors and plain containers; refusing to "
-                              f"unpickle it (weights_only=True). {reason}".strip()) from None
+        culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        raise CheckpointError(f"{path} holds objects other than tensors and plain containers"
+                              + (f" ({culprit[1]})" if culprit else "")
+                              + "; refusing to unpickle it (weights_only=True)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"{path} is truncated or corrupt ({str(error).splitlines()[0]})") from None
 
 
 def load_ema_generator(checkpoint: dict, path: str | os.PathLike) -> Generator:
     """The EMA generator of a distillation checkpoint (layout: `distill/module.py`), in eval mode."""
-    state_dict = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    config = (checkpoint.get("hyper_parameters") or {}).get("generator") if isinstance(checkpoint, dict) else None
-    weights = {k.removeprefix(EMA_PREFIX): v for k, v in (state_dict or {}).items() if k.startswith(EMA_PREFIX)}
+    checkpoint = checkpoint if isinstance(checkpoint, dict) else {}  # torch.save can store any plain value
+    config = (checkpoint.get("hyper_parameters") or {}).get("generator")
+    weights = {k.removeprefix(EMA_PREFIX): v for k, v in (checkpoint.get("state_dict") or {}).items()
+               if k.startswith(EMA_PREFIX)}
     if not weights or not isinstance(config, dict):
         raise CheckpointError(f"{path} is not a pairforge distillation checkpoint: it lacks the EMA generator "
                               f"(state_dict['G_ema.*'] and hyper_parameters['generator'])")
@@ -127,11 +138,15 @@ def load_ema_generator(checkpoint: dict, path: str | os.PathLike) -> Generator:
                               f"this export knows {GENERATOR_TARGET!r}")
     try:
         generator = Generator(**arguments)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} is from another architecture: the Co-Mod-GAN generator does not take "
+                              f"its config {arguments} ({error})") from None
+    try:
         generator.load_state_dict(weights)
-    except (TypeError, ValueError, RuntimeError) as error:
-        reason = str(error).replace("\n\t", " ").splitlines()[0 if isinstance(error, TypeError) else -1]
-        raise CheckpointError(f"{path} is from another architecture: its G_ema weights do not fit the "
-                              f"generator config {arguments} ({reason.strip()[:300]})") from None
+    except RuntimeError as error:
+        first = str(error).splitlines()[1].strip()  # torch lists one problem per line below a header
+        raise CheckpointError(f"{path} is from another architecture: its G_ema weights do not fit the generator "
+                              f"config {arguments} ({shorten(first, 300)})") from None
     return generator.eval().requires_grad_(False)
 
 
@@ -257,7 +272,7 @@ def save_onnx(generator: Generator, out: Path, dtype: torch.dtype, device: torch
 def require_onnx_exporter() -> None:
     missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:
-        raise RuntimeError(f"ONNX export needs {' and '.join(missing)} (pip install onnx onnxscript onnxruntime, "
+        raise ExportError(f"ONNX export needs {' and '.join(missing)} (pip install onnx onnxscript onnxruntime, "
                            f"or pairforge[onnx]); or leave out onnx=")
 
 
@@ -265,7 +280,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device}, but torch sees no CUDA device; use device=cpu or device=auto")
+        raise ExportError(f"device={device}, but torch sees no CUDA device; use device=cpu or device=auto")
     return torch.device(device)
 
 
@@ -273,7 +288,7 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str = "float3
            onnx: str | os.PathLike | None = None, task: str | None = None) -> ExportReport:
     """Export the EMA generator of `ckpt` to the TorchScript file `out` (and `onnx`), parity-checked."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype}: choose one of {', '.join(DTYPES)}")
+        raise ExportError(f"dtype={dtype}: choose one of {', '.join(DTYPES)}")
     torch_dtype, torch_device = DTYPES[dtype], resolve_device(device)
     if onnx is not None:
         require_onnx_exporter()
