@@ -48,7 +48,7 @@ class Size:
 
 SIZES = {
     "sd14": Size((320, 640, 1280, 1280), (128, 256, 512, 512), 768, 12, 12, 512),  # SD-1.4's shapes
-    "small": Size((32, 64, 128, 128), (32, 32, 64, 64), 128, 2, 4, 256),  # CPU: 32 x 32 latents
+    "small": Size((32, 64, 128, 128), (32, 32, 64, 64), 128, 2, 4, 128),  # CPU: 16 x 16 latents
 }
 TINY_RESOLUTION = 32  # datagen.backbone.tiny_backbone (the test suite's components): 16 x 16 latents
 
@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--smoke", action="store_true", help="tiny components, 2 steps, batches 1 and 2, fp32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--size", choices=[*SIZES, "tiny"], help="default: sd14 on a GPU, small on the CPU")
-    parser.add_argument("--steps", type=int, help="inversion and edit steps (default: 50 on a GPU, 4 on the CPU)")
+    parser.add_argument("--steps", type=int, help="inversion and edit steps (default: 50 on a GPU, 10 on the CPU)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--precisions", nargs="+", choices=list(DTYPES), help="default: all on a GPU, fp32 on the CPU")
     parser.add_argument("--inputs", choices=["real", "synthetic"], default="real",
@@ -200,15 +200,18 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per setting")
     parser.add_argument("--warmup", type=int, help="untimed runs per setting (default: 1 on a GPU, 0 on the CPU)")
     parser.add_argument("--no-reference", action="store_true", help="time our editor only")
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; --smoke: 1)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/generate.json)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.device, args.size, args.steps, args.batches, args.precisions = "cpu", "tiny", 2, [1, 2], ["fp32"]
-        torch.set_num_threads(1)  # tiny kernels gain nothing from more threads and lose much on a busy machine
+        args.threads = args.threads or 1  # tiny kernels gain nothing from more threads and lose much on a busy machine
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     size = args.size or ("sd14" if gpu else "small")
-    steps = args.steps or (50 if gpu else 4)
+    steps = args.steps or (50 if gpu else 10)
     precisions = args.precisions or (list(DTYPES) if gpu else ["fp32"])
     if not gpu and precisions != ["fp32"]:
         parser.error("half precisions are measured on a GPU only (CPU half-precision kernels are not what runs at scale)")

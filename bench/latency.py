@@ -88,11 +88,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--warmup", type=int, help="untimed calls per setting (default: 20 on a GPU, 2 on the CPU)")
     parser.add_argument("--iterations", type=int, help="timed calls per setting (default: 100 on a GPU, 10 on the CPU)")
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; --smoke: 1)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/latency.json)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.device, args.presets, args.batches, args.precisions = "cpu", ["small"], [1, 2], ["fp32"]
         args.modes, args.warmup, args.iterations = ["eager", "torchscript"], 1, 3
+        args.threads = args.threads or 1  # tiny kernels gain nothing from more threads and lose much on a busy machine
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     if gpu:

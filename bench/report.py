@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -21,7 +22,8 @@ def environment(device: torch.device) -> dict[str, str]:
     else:
         name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                      if line.startswith("model name")), platform.processor())
-        name = f"{name}, {torch.get_num_threads()} threads"
+        # the machine may be shared: the load says how many cores others were using meanwhile
+        name = f"{name}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"
     packages = ("torch", "diffusers", "transformers", "pytorch-lightning")
     return {
         "device": name,
