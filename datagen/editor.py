@@ -131,7 +131,7 @@ class Pix2PixZero(Editor):
                     x_uncond = x_cond = x_edit - xa_guidance * (grad_uncond + grad_cond)
             with self.store.guiding(maps) as measure:  # L_xa of the maps this step's edit actually used
                 eps = self._eps(x_uncond, x_cond, t, ctx_edit)
-            losses.append(measure.loss.float())
+            losses.append(torch.as_tensor(measure.loss, dtype=torch.float32).expand(x_T.shape[0]))  # 0 without attn2 layers
             x_edit = scheduler.step(eps, t, x_uncond).prev_sample
         evals_per_step = 2 * (3 if xa_guidance > 0 else 2)
         return x_ref, x_edit, torch.stack(losses).mean(0), evals_per_step * self.num_inference_steps
