@@ -5,8 +5,8 @@
 
 First both editors make the same pair from the same input (max abs difference printed): equal outputs are
 what make the time ratio fair. Then, per precision and batch: seconds per pair, UNet evaluations per pair
-(counted by a hook, one per sample through the UNet), peak memory, achieved TFLOP/s (FlopCounterMode on
-1- and 2-step runs, scaled to the run's steps) against the device's measured matmul throughput, the ratio
+(counted by a hook, one per sample through the UNet), peak memory, achieved TFLOP/s (torch.utils.flop_counter's
+formulas over 1- and 2-step runs, scaled to the run's steps) against the device's measured matmul throughput, the ratio
 reference / ours, and the hours 15,000 pairs would take at the paper's 100 inversion + 100 edit steps.
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ class UNetSampleCounter:
 class Setup:
     backbone: Backbone
     direction: torch.Tensor
-    images: torch.Tensor  # real inputs, N x 3 x R x R in [0, 1]; None for synthetic ones
+    images: torch.Tensor | None  # real inputs, N x 3 x R x R in [0, 1]; None for synthetic ones
     resolution: int
     steps: int
 
@@ -116,9 +116,10 @@ class Setup:
     def run_ours(self, editor: Pix2PixZero, first: int, size: int) -> torch.Tensor:
         return editor.edit(self.batch(first, size)).edited
 
-    def run_reference(self, editor: ReferenceEditor, ours: Pix2PixZero, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_reference(self, editor: ReferenceEditor, noise_from: Pix2PixZero, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair `index` as the reference makes it; a synthetic one starts from our editor's noise for its seed."""
         if self.images is None:
-            return editor.edit(PROMPT, x_T=ours.initial_noise([index]))
+            return editor.edit(PROMPT, x_T=noise_from.initial_noise([index]))
         return editor.edit(PROMPT, image=self.images[index : index + 1], seed=index)
 
 
@@ -131,7 +132,7 @@ class PairFlops:
 
     @classmethod
     def count(cls, run: Callable[[int], object]) -> "PairFlops":
-        """From FlopCounterMode over `run(steps)` at 1 and 2 steps."""
+        """From the FLOPs of `run(steps)` at 1 and 2 steps."""
         one, two = count_flops(lambda: run(1)), count_flops(lambda: run(2))
         return cls(fixed=one - (two - one), per_step=two - one)
 

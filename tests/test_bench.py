@@ -1,0 +1,73 @@
+"""The benchmarks' --smoke runs (in this process) and the measurements they rest on."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench import generate, latency, train
+from bench.measure import count_flops, peak_memory
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    threads = torch.get_num_threads()  # smoke runs use one thread
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_smoke(script, tmp_path) -> dict:
+    path = script.main(["--smoke", "--out", str(tmp_path / "result.json")])
+    return json.loads(path.read_text())
+
+
+def test_flop_count_is_exact_for_matmul_and_cpu_attention_forward_and_backward():
+    x = torch.randn(8, 16, requires_grad=True)
+    weight = torch.randn(32, 16, requires_grad=True)
+    # forward x @ w^T, backward grad_x and grad_w: three (8 x 16 x 32) matmuls of 2 FLOPs per multiply-add
+    assert count_flops(lambda: F.linear(x, weight).sum().backward()) == 3 * 2 * 8 * 16 * 32
+    q = torch.randn(2, 4, 64, 8)  # batch, heads, tokens, head dim
+    assert count_flops(lambda: F.scaled_dot_product_attention(q, q, q)) == 2 * (2 * 2 * 4 * 64 * 64 * 8)
+
+
+def test_peak_memory_sees_a_temporary_allocation():
+    with peak_memory(torch.device("cpu")) as baseline:
+        pass
+    with peak_memory(torch.device("cpu")) as peak:
+        block = torch.ones(2**26)  # 256 MiB, freed before the block ends
+        del block
+    assert peak["peak_gib"] - baseline["peak_gib"] > 0.2
+
+
+def test_generate_smoke_gives_the_reference_pair_and_counts_the_same_unet_work(tmp_path):
+    result = run_smoke(generate, tmp_path)
+    (parity,) = result["tables"]["Same pair from both editors (batch 1)"]["rows"]
+    assert parity["max |edited diff|"] < 1e-3
+    rows = result["tables"]["Seconds per pair"]["rows"]
+    reference = next(row for row in rows if row["editor"] == "reference")
+    ours = [row for row in rows if row["editor"] == "ours"]
+    assert [row["batch"] for row in ours] == [1, 2]
+    # 2 inversion steps (1 sample each) + 2 edit steps x (reference, guidance, guided) x 2 guidance halves
+    assert {row["UNet evals/pair"] for row in rows} == {2 + 2 * 3 * 2}
+    # the reference also materialises self-attention and takes the cross-attention weights' gradients
+    assert reference["TFLOP/pair"] > ours[0]["TFLOP/pair"]
+    for row in ours:
+        assert row["ref/ours"] == pytest.approx(reference["s/pair"] / row["s/pair"])
+        assert row["h per 15k pairs @100/100"] > row["s/pair"] * 15_000 / 3600  # 100 steps cost more than 2
+
+
+def test_latency_smoke_times_eager_and_torchscript_on_the_same_images(tmp_path):
+    rows = run_smoke(latency, tmp_path)["tables"]["Generator latency"]["rows"]
+    assert [(row["batch"], row["mode"]) for row in rows] == [(1, "eager"), (1, "torchscript"), (2, "eager"), (2, "torchscript")]
+    for row in rows:
+        assert row["max |diff| vs eager"] < 1e-5
+        assert row["p95 ms"] >= row["median ms"] > 0
+        assert row["images/s"] == pytest.approx(1e3 * row["batch"] / row["median ms"])
+
+
+def test_train_smoke_compares_step_and_loader_throughput(tmp_path):
+    (row,) = run_smoke(train, tmp_path)["tables"]["Distillation throughput"]["rows"]
+    assert row["preset"] == "small" and row["batch"] == 4
+    assert row["train images/s"] == pytest.approx(4 / row["median step s"])
+    assert row["workers needed"] == pytest.approx(row["train images/s"] / row["loader images/s per worker"])
+    assert row["bound by"] == ("data" if row["workers needed"] > row["workers configured"] else "compute")
