@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from bench.measure import count_flops, matmul_tflops, peak_memory, seconds
+from bench.measure import count_flops, matmul_tflops, peak_memory, seconds, top_kernels
 from bench.reference import ReferenceEditor
 from bench.report import write_report
 from datagen.backbone import Backbone, resolve_device, tiny_backbone
@@ -141,8 +141,9 @@ class PairFlops:
 
 
 def bench_precision(setup: Setup, dtype_name: str, batches: Sequence[int], repeats: int, warmup: int,
-                    with_reference: bool) -> tuple[list[dict], dict]:
-    """Rows of the reference (batch 1) and of ours at each batch in one precision, and their parity."""
+                    with_reference: bool, kernels: list[dict] | None = None) -> tuple[list[dict], dict]:
+    """Rows of the reference (batch 1) and of ours at each batch in one precision, and their parity. With
+    `kernels`, also appends the top kernels of a 1-step run of the reference and of ours at the largest batch."""
     device, steps = setup.backbone.device, setup.steps
     setup.backbone.to(device, DTYPES[dtype_name])
     peak_tflops = matmul_tflops(device, DTYPES[dtype_name])
@@ -166,15 +167,21 @@ def bench_precision(setup: Setup, dtype_name: str, batches: Sequence[int], repea
         reference = setup.reference()
         reference_input, reference_edited = setup.run_reference(reference, ours, 0)
         result = ours.edit(setup.batch(0, 1))
-        parity = {"precision": dtype_name, "max |edited diff|": (result.edited - reference_edited).abs().max().item()}
+        parity = {"precision": dtype_name, "max abs edited diff": (result.edited - reference_edited).abs().max().item()}
         if setup.images is None:  # real inputs are the image itself in both; synthetic ones are decoded
-            parity["max |input diff|"] = (result.inputs - reference_input).abs().max().item()
+            parity["max abs input diff"] = (result.inputs - reference_input).abs().max().item()
         flops = PairFlops.count(lambda k: setup.run_reference(setup.reference(k), ours, 0))
         rows.append(measure("reference", 1, lambda: setup.run_reference(reference, ours, 0), flops))
+        if kernels is not None:
+            kernels += [{"setting": f"reference {dtype_name} b1", **kernel}
+                        for kernel in top_kernels(lambda: setup.run_reference(setup.reference(1), ours, 0), device)]
     flops = PairFlops.count(lambda k: setup.run_ours(setup.ours(k), 0, 1))
     ours = setup.ours()
     for batch in batches:
         rows.append(measure("ours", batch, lambda: setup.run_ours(ours, 0, batch), flops))
+    if kernels is not None:
+        kernels += [{"setting": f"ours {dtype_name} b{max(batches)}", **kernel}
+                    for kernel in top_kernels(lambda: setup.run_ours(setup.ours(1), 0, max(batches)), device)]
     return rows, parity
 
 
@@ -201,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per setting")
     parser.add_argument("--warmup", type=int, help="untimed runs per setting (default: 1 on a GPU, 0 on the CPU)")
     parser.add_argument("--no-reference", action="store_true", help="time our editor only")
+    parser.add_argument("--profile", action="store_true", help="also list the top kernels of a 1-step run (torch.profiler)")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; --smoke: 1)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/generate.json)")
     args = parser.parse_args(argv)
@@ -226,10 +234,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     images = torch.rand(max(args.batches), 3, resolution, resolution, generator=generator) if args.inputs == "real" else None
     setup = Setup(backbone, direction, images, resolution, steps)
 
-    rows, parity_rows = [], []
+    rows, parity_rows, kernels = [], [], ([] if args.profile else None)
     for name in precisions:
         with_reference = not args.no_reference and name in REFERENCE_DTYPES
-        precision_rows, parity = bench_precision(setup, name, args.batches, args.repeats, warmup, with_reference)
+        precision_rows, parity = bench_precision(setup, name, args.batches, args.repeats, warmup, with_reference, kernels)
         rows += precision_rows
         if parity:
             parity_rows.append(parity)
@@ -242,8 +250,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
              f"xa_guidance {0.1 if args.inputs == 'real' else 0.15}",
              "ref/ours: the reference's s/pair at the same precision (fp16's for bf16) / ours; hours: s/pair "
              "scaled by FLOPs to 100 + 100 steps, x 15,000 pairs, on this device"]
-    tables = {"Same pair from both editors (batch 1)": (parity_rows, ["precision", "max |input diff|", "max |edited diff|"]),
+    tables = {"Same pair from both editors (batch 1)": (parity_rows, ["precision", "max abs input diff", "max abs edited diff"]),
               "Seconds per pair": (rows, columns)}
+    if kernels:
+        tables["Top kernels by self time (1-step run)"] = (kernels, ["setting", "kernel", "calls", "ms", "share %"])
     return write_report("generate", args.out, device, tables, notes)
 
 

@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
-from bench.measure import latency
+from bench.measure import latency, top_kernels
 from bench.report import write_report
 from datagen.backbone import resolve_device
 
@@ -47,7 +47,9 @@ def compiled_modes(device: torch.device) -> dict[str, Callable[[nn.Module], Call
 
 
 def bench_generator(generator: nn.Module, name: str, device: torch.device, dtype_name: str, batches: Sequence[int],
-                    modes: Sequence[str], channels_last: bool, warmup: int, iterations: int) -> list[dict]:
+                    modes: Sequence[str], channels_last: bool, warmup: int, iterations: int,
+                    kernels: list[dict] | None = None) -> list[dict]:
+    """Rows per batch and mode; with `kernels`, also appends each setting's top kernels to it."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     generator = generator.to(device=device, dtype=DTYPES[dtype_name], memory_format=memory_format)
     build = compiled_modes(device)
@@ -68,9 +70,13 @@ def bench_generator(generator: nn.Module, name: str, device: torch.device, dtype
             except Exception as error:  # e.g. torch.compile without a working compiler: report, go on
                 rows.append({**row, "note": f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"})
                 continue
+            if kernels is not None:
+                with torch.inference_mode():
+                    kernels += [{"setting": f"{name} {dtype_name} b{batch} {mode}", **kernel}
+                                for kernel in top_kernels(lambda: runner(image), device, count=5)]
             rows.append({**row, "median ms": timing.median_ms, "p95 ms": timing.p95_ms,
                          "ms/image": timing.median_ms / batch, "images/s": 1e3 * batch / timing.median_ms,
-                         "max |diff| vs eager": difference})
+                         "max abs diff vs eager": difference})
     return rows
 
 
@@ -86,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--grouped-modconv", choices=["false", "true"], nargs="+", default=["false"],
                         help="the preset's modulated-convolution execution(s) to time")
     parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also list each setting's top 5 kernels (torch.profiler)")
     parser.add_argument("--warmup", type=int, help="untimed calls per setting (default: 20 on a GPU, 2 on the CPU)")
     parser.add_argument("--iterations", type=int, help="timed calls per setting (default: 100 on a GPU, 10 on the CPU)")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; --smoke: 1)")
@@ -106,19 +113,22 @@ def main(argv: Sequence[str] | None = None) -> Path:
     warmup = args.warmup if args.warmup is not None else (20 if gpu else 2)
     iterations = args.iterations or (100 if gpu else 10)
 
-    rows = []
+    rows, kernels = [], ([] if args.profile else None)
     for preset in args.presets:
         for grouped in args.grouped_modconv:
             name = preset + (" grouped" if grouped == "true" else "")
             for dtype_name in precisions:
                 generator = build_generator(preset, grouped == "true")
                 rows += bench_generator(generator, name, device, dtype_name, args.batches, modes,
-                                        not args.no_channels_last, warmup, iterations)
+                                        not args.no_channels_last, warmup, iterations, kernels)
     columns = ["generator", "res", "precision", "batch", "mode", "median ms", "p95 ms", "ms/image", "images/s",
-               "max |diff| vs eager", "note"]
+               "max abs diff vs eager", "note"]
     notes = [f"eval mode, random weights, {'channels_last' if not args.no_channels_last else 'contiguous'}, "
              f"{warmup} warm-up + {iterations} timed calls per setting"]
-    return write_report("latency", args.out, device, {"Generator latency": (rows, columns)}, notes)
+    tables = {"Generator latency": (rows, columns)}
+    if kernels:
+        tables["Top kernels by self time (one call)"] = (kernels, ["setting", "kernel", "calls", "ms", "share %"])
+    return write_report("latency", args.out, device, tables, notes)
 
 
 if __name__ == "__main__":

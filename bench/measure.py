@@ -123,6 +123,22 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.total
 
 
+def top_kernels(fn: Callable[[], object], device: torch.device, count: int = 8) -> list[dict]:
+    """The ops (CPU) or kernels (GPU) that took the most self time in one call: what bounds it."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        fn()
+        synchronize(device)
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [event for event in profile.key_averages() if getattr(event, attribute) > 0]
+    total = sum(getattr(event, attribute) for event in events)
+    events.sort(key=lambda event: getattr(event, attribute), reverse=True)
+    return [{"kernel": event.key[:90], "calls": event.count, "ms": getattr(event, attribute) / 1e3,
+             "share %": 100 * getattr(event, attribute) / total} for event in events[:count]]
+
+
 def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:
     """The device's measured dense matmul throughput in this precision: the yardstick for achieved TFLOP/s."""
     size = size or (8192 if device.type == "cuda" else 1024)

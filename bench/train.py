@@ -114,13 +114,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--loader-batches", type=int, default=8, help="timed loader batches")
     parser.add_argument("--adversarial-weight", type=float, help="default: the distill config's (0 = no discriminator)")
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; --smoke: 1)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/train.json)")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available() and not args.smoke
     if args.smoke:
         args.presets, args.batch_size, args.precisions = ["small"], 4, ["32-true"]
         args.warmup, args.steps, args.loader_batches = 1, 2, 2
-        torch.set_num_threads(1)  # tiny kernels gain nothing from more threads and lose much on a busy machine
+        args.threads = args.threads or 1  # tiny kernels gain nothing from more threads and lose much on a busy machine
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batch_size = args.batch_size or (64 if gpu else 16)
     precisions = args.precisions or (["bf16-mixed", "32-true"] if gpu else ["32-true"])
 
