@@ -117,7 +117,7 @@ class FlopCount(TorchDispatchMode):
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call."""
+    """FLOPs of one call. Not under torch.inference_mode, whose ops this mode does not see (it counts 0)."""
     with FlopCount() as counter:
         fn()
     return counter.total
