@@ -18,6 +18,7 @@ comes from the matching input pixel and nothing has to be pasted back unedited; 
 it feeds the model no padding bars (which it never saw in training) and spends all of its
 resolution on the image. The cost: a non-square image is seen stretched, so for strongly
 elongated inputs crop them to near-square first. Alpha channels are dropped (RGB in, RGB out).
+A float16 model runs in float32 on a CPU, where torch's half-precision convolutions are very slow.
 
 Videos (.mp4 .mov .avi .mkv .webm .m4v) are read with PyAV (`pip install av`). `video=auto`
 writes DIR/<name>.mp4 (H.264, or MPEG-4 if that is missing, at the input's frame rate; even
@@ -104,6 +105,8 @@ class Translator:
             raise TranslateError(f"{path} has no {METADATA_FILE} inside: export it with `python export.py`")
         self.meta = json.loads(files[METADATA_FILE])
         self.device, self.dtype = device, getattr(torch, self.meta["dtype"])
+        if self.dtype == torch.float16 and device.type == "cpu":  # torch's CPU half convolutions are very slow
+            self.model, self.dtype = self.model.float(), torch.float32
         self.resolution = self.meta["resolution"]
         self.generator_seconds = 0.0
 

@@ -22,7 +22,9 @@ as canonical JSON) with ``training_config_source`` and the config itself as ``tr
 Nothing is written unless it works: the file is saved under a temporary name, loaded back
 (``torch.jit.load``, so exactly what a user gets) and compared with the eager EMA generator on
 random inputs on ``device``; a maximum absolute difference above ``PARITY_TOLERANCE`` (fp32: 1e-5)
-deletes it and raises ``ParityError``. fp16 files are compared with the eager generator in fp16.
+deletes it and raises ``ParityError``. fp16 files are compared with the eager generator in fp16
+(tolerance 2e-2), on a GPU: torch's CPU half-precision convolutions are so slow that ``device=auto``
+without CUDA refuses ``dtype=float16`` (an explicit ``device=cpu`` waits for it).
 An ONNX copy (opset ``ONNX_OPSET``, dynamic batch) is checked the same way with onnxruntime when
 it is installed.
 
@@ -290,6 +292,10 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str = "float3
     if dtype not in DTYPES:
         raise ExportError(f"dtype={dtype}: choose one of {', '.join(DTYPES)}")
     torch_dtype, torch_device = DTYPES[dtype], resolve_device(device)
+    if torch_dtype == torch.float16 and torch_device.type == "cpu" and device == "auto":
+        raise ExportError("dtype=float16 is for GPUs, and its parity check runs in half precision, which torch's "
+                          "CPU convolutions do very slowly (over a minute per 3x3 convolution at 256 px); export "
+                          "where CUDA is available, or pass device=cpu to wait for it")
     if onnx is not None:
         require_onnx_exporter()
     if torch_device.type == "cuda":  # fp32 parity to 1e-5 needs full-precision matmuls and convolutions

@@ -25,20 +25,9 @@ from distill.module import DistillModule
 REPO = Path(__file__).resolve().parents[1]
 GENERATOR = {"_target_": "models.comodgan.Generator", "resolution": 16, "channel_base": 256, "channel_max": 16,
              "z_dim": 8, "w_dim": 8, "code_dim": 16, "mapping_layers": 2}
+RUN_CONFIG = {"seed": 0, "task": {"name": "cat2dog", "thresholds": {"seg_iou": 0.7}}, "distill": {"generator": GENERATOR}}
 export_cli = importlib.util.module_from_spec(importlib.util.spec_from_file_location("export_cli", REPO / "export.py"))
 export_cli.__spec__.loader.exec_module(export_cli)
-RUN_CONFIG = {"seed": 0, "task": {"name": "cat2dog", "thresholds": {"seg_iou": 0.7}}, "distill": {"generator": GENERATOR}}
-
-
-def trained_module(seed: int = 0) -> DistillModule:
-    """A DistillModule whose G_ema differs from G (as after training) and whose w_avg is not zero."""
-    torch.manual_seed(seed)
-    module = DistillModule(generator=GENERATOR, lpips_pretrained_vgg=False)
-    with torch.no_grad():
-        for param in module.G_ema.parameters():
-            param.add_(0.1 * torch.randn_like(param))
-        module.G_ema.w_avg.normal_()
-    return module
 
 
 def write_run(run: Path, module: DistillModule) -> Path:
@@ -53,7 +42,14 @@ def write_run(run: Path, module: DistillModule) -> Path:
 
 @pytest.fixture(scope="module")
 def module() -> DistillModule:
-    return trained_module()
+    """A DistillModule whose G_ema differs from G (as after training) and whose w_avg is not zero."""
+    torch.manual_seed(0)
+    module = DistillModule(generator=GENERATOR, lpips_pretrained_vgg=False)
+    with torch.no_grad():
+        for param in module.G_ema.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+        module.G_ema.w_avg.normal_()
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +64,7 @@ def inputs(batch: int = 3) -> torch.Tensor:
 
 
 def test_export_equals_the_eager_ema_generator_and_carries_its_metadata(exported, module):
-    ckpt, report = exported
+    _, report = exported
     files = {"pairforge.json": ""}
     loaded = torch.jit.load(str(report.path), _extra_files=files)
     meta = json.loads(files["pairforge.json"])
@@ -123,7 +119,7 @@ def test_exported_file_and_translate_run_in_a_fresh_process_without_the_project(
 
     result = torch.load(tmp_path / "output.pt")
     with torch.no_grad():
-        torch.testing.assert_close(result["output"], module.G_ema.eval()(x), rtol=0, atol=1e-5)  # 2 threads there
+        torch.testing.assert_close(result["output"], module.G_ema.eval()(x), rtol=0, atol=1e-5)  # its own thread count
         expected = (module.G_ema(image.permute(2, 0, 1)[None].float() / 255 * 2 - 1)[0] + 1) / 2 * 255
     assert result["meta"]["resolution"] == 16
     # translate.py on an image at the model's resolution: exactly the generator's output, quantised to 8 bits
@@ -148,6 +144,14 @@ def test_fp16_export_and_a_checkpoint_outside_its_run(module, tmp_path):
     # no RUN/config.yaml beside it: the module's hyper-parameters are what is hashed
     assert report.metadata["training_config_sha256"] == config_sha256(dict(module.hparams))
     assert "hyper_parameters" in report.metadata["training_config_source"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="device=auto picks the GPU here")
+def test_fp16_without_a_gpu_needs_an_explicit_cpu_device(exported, tmp_path):
+    ckpt, _ = exported
+    with pytest.raises(ExportError, match="dtype=float16 is for GPUs.*pass device=cpu"):
+        export(ckpt, tmp_path / "generator16.ts", dtype="float16")
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_file_that_fails_parity_is_not_written(exported, monkeypatch, tmp_path):

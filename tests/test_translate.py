@@ -73,6 +73,16 @@ def test_one_image_and_the_value_ranges_come_from_the_metadata(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "x.png")), pixels)
 
 
+def test_a_float16_model_runs_in_float32_on_a_cpu(tmp_path):
+    meta = {"resolution": 8, "dtype": "float16", "input_range": [-1.0, 1.0], "output_range": [-1.0, 1.0]}
+    model = torch.jit.script(nn.Conv2d(3, 3, 1).half())
+    torch.jit.save(model, str(tmp_path / "half.ts"), _extra_files={"pairforge.json": json.dumps(meta)})
+    translator = translate.Translator(tmp_path / "half.ts", torch.device("cpu"))
+    assert translator.dtype == torch.float32 and {p.dtype for p in translator.model.parameters()} == {torch.float32}
+    (output,) = translator([torch.zeros(3, 5, 7, dtype=torch.uint8)])
+    assert output.shape == (3, 5, 7) and output.dtype == torch.uint8
+
+
 def write_video(path: Path, frames: int, size=(48, 32)) -> None:
     import av
     with av.open(str(path), "w") as container:
