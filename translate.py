@@ -93,9 +93,10 @@ def pick_device(device: str) -> torch.device:
 
 
 class Translator:
-    """An exported generator and its metadata: uint8 RGB images [3, H, W] of any size in, same sizes out."""
+    """An exported generator and its metadata: up to `batch_size` uint8 RGB images [3, H, W] of any size in,
+    the same sizes out."""
 
-    def __init__(self, path: str | Path, device: torch.device):
+    def __init__(self, path: str | Path, device: torch.device, batch_size: int):
         files = {METADATA_FILE: ""}
         try:
             self.model = torch.jit.load(str(path), map_location=device, _extra_files=files)
@@ -107,7 +108,7 @@ class Translator:
         self.device, self.dtype = device, getattr(torch, self.meta["dtype"])
         if self.dtype == torch.float16 and device.type == "cpu":  # torch's CPU half convolutions are very slow
             self.model, self.dtype = self.model.float(), torch.float32
-        self.resolution = self.meta["resolution"]
+        self.resolution, self.batch_size = self.meta["resolution"], batch_size
         self.generator_seconds = 0.0
 
     @torch.inference_mode()
@@ -116,7 +117,9 @@ class Translator:
         (in_lo, in_hi), (out_lo, out_hi) = self.meta["input_range"], self.meta["output_range"]
         start = self.synchronized_clock()
         x = torch.stack([TF.resize(image.to(self.device).float() / 255, square, antialias=True) for image in images])
-        y = self.model((in_lo + x * (in_hi - in_lo)).to(self.dtype)).float()
+        # always batch_size images: TorchScript re-optimises the graph (seconds) for every new input shape
+        x = torch.cat([x, x[-1:].expand(self.batch_size - len(images), -1, -1, -1)])
+        y = self.model((in_lo + x * (in_hi - in_lo)).to(self.dtype))[:len(images)].float()
         rgb = ((y - out_lo) / (out_hi - out_lo)).clamp(0, 1)
         outputs = [TF.resize(out, list(image.shape[-2:]), antialias=True) for out, image in zip(rgb, images)]
         outputs = [out.mul(255).round().to(torch.uint8).cpu() for out in outputs]
@@ -124,9 +127,9 @@ class Translator:
         return outputs
 
     @torch.inference_mode()
-    def warm_up(self, batch_size: int) -> None:
+    def warm_up(self) -> None:
         """Two calls: TorchScript profiles the first and optimises the graph on the second (seconds on a CPU)."""
-        x = torch.zeros(batch_size, 3, self.resolution, self.resolution, device=self.device, dtype=self.dtype)
+        x = torch.zeros(self.batch_size, 3, self.resolution, self.resolution, device=self.device, dtype=self.dtype)
         for _ in range(2):
             self.model(x)
 
@@ -221,8 +224,8 @@ def translate(options: Options) -> int:
     source, out_dir = Path(options.input), Path(options.output)
     if not source.exists():
         raise TranslateError(f"input={source}: no such file or folder")
-    translator = Translator(options.model, pick_device(options.device))
-    translator.warm_up(options.batch_size)
+    translator = Translator(options.model, pick_device(options.device), options.batch_size)
+    translator.warm_up()
     start, count = time.perf_counter(), 0
     if source.suffix.lower() in VIDEO_SUFFIXES:
         count = translate_video(translator, source, out_dir, options)

@@ -77,7 +77,7 @@ def test_a_float16_model_runs_in_float32_on_a_cpu(tmp_path):
     meta = {"resolution": 8, "dtype": "float16", "input_range": [-1.0, 1.0], "output_range": [-1.0, 1.0]}
     model = torch.jit.script(nn.Conv2d(3, 3, 1).half())
     torch.jit.save(model, str(tmp_path / "half.ts"), _extra_files={"pairforge.json": json.dumps(meta)})
-    translator = translate.Translator(tmp_path / "half.ts", torch.device("cpu"))
+    translator = translate.Translator(tmp_path / "half.ts", torch.device("cpu"), batch_size=2)
     assert translator.dtype == torch.float32 and {p.dtype for p in translator.model.parameters()} == {torch.float32}
     (output,) = translator([torch.zeros(3, 5, 7, dtype=torch.uint8)])
     assert output.shape == (3, 5, 7) and output.dtype == torch.uint8
