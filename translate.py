@@ -174,9 +174,13 @@ def video_frames(path: Path) -> Iterator[torch.Tensor]:
 
 
 def video_rate(path: Path) -> Fraction:
-    with import_av().open(str(path)) as container:
-        stream = container.streams.video[0]
-        return stream.average_rate or Fraction(25)
+    """The frame rate; also where an unreadable video is reported, before anything is written."""
+    av = import_av()
+    try:
+        with av.open(str(path)) as container:
+            return container.streams.video[0].average_rate or Fraction(25)
+    except (av.error.FFmpegError, IndexError) as error:  # IndexError: a container without a video stream
+        raise TranslateError(f"{path}: cannot read the video ({error or 'no video stream'})") from None
 
 
 def video_encoder() -> str | None:
@@ -250,7 +254,8 @@ def translate_video(translator: Translator, source: Path, out_dir: Path, options
     if options.video == "video" and codec is None:
         raise TranslateError(f"video=video needs PyAV with one of the encoders {', '.join(VIDEO_CODECS)}; "
                              f"use video=frames")
-    writer = VideoWriter(out_dir / f"{source.stem}.mp4", video_rate(source), codec) if codec else None
+    rate = video_rate(source)
+    writer = VideoWriter(out_dir / f"{source.stem}.mp4", rate, codec) if codec else None
     count = 0
     try:
         for frames in batches(video_frames(source), options.batch_size):

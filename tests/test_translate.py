@@ -106,6 +106,10 @@ def test_a_video_gives_a_video_or_frames(inverter, tmp_path):
     pngs = sorted((tmp_path / "out" / "clip").glob("*.png"))
     assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
     assert abs(int(np.asarray(Image.open(pngs[3])).mean()) - (255 - 60)) <= 3
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    with pytest.raises(translate.TranslateError, match="broken.mp4: cannot read the video"):
+        translate.translate(translate.parse_options([f"model={inverter}", f"input={tmp_path / 'broken.mp4'}",
+                                                     f"output={tmp_path / 'out'}"]))
 
 
 def error_of(argv: list[str], capsys) -> str:
