@@ -8,7 +8,7 @@ import transformers
 from omegaconf import DictConfig
 
 import datagen.config  # noqa: F401  (registers the ${repo:...} resolver)
-from datagen.backbone import ModelUnavailableError
+from datagen.runtime import ModelUnavailableError
 from distill.data import PairDataError
 from distill.losses import MissingWeightsError
 from evaluation.evaluator import EvaluationError

@@ -24,7 +24,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from bench.measure import count_flops, matmul_tflops, peak_memory, seconds, top_kernels
 from bench.reference import ReferenceEditor
 from bench.report import write_report
-from datagen.backbone import Backbone, resolve_device, tiny_backbone
+from datagen.backbone import Backbone, tiny_backbone
+from datagen.runtime import resolve_device
 from datagen.editor import EditBatch, Pix2PixZero
 from datagen.inversion import NoiseRegularizer
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from bench.measure import latency, top_kernels
 from bench.report import write_report
-from datagen.backbone import resolve_device
+from datagen.runtime import resolve_device
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

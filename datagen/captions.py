@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-from datagen.backbone import model_unavailable, resolve_device
+from datagen.runtime import model_unavailable, resolve_device
 from datagen.tokenizer import clip_tokenizer
 
 

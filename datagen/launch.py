@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datagen import job
-from datagen.backbone import ModelUnavailableError
+from datagen.runtime import ModelUnavailableError
 from datagen.directions import BankError
 from datagen.verify import verify_run
 

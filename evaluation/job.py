@@ -5,7 +5,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from datagen.backbone import resolve_device
+from datagen.runtime import resolve_device
 from evaluation.evaluator import EvaluationError, RunEvaluator
 from evaluation.report import markdown_table, summarise, write_report
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from datagen.backbone import resolve_device, resolve_dtype
+from datagen.runtime import resolve_device, resolve_dtype
 from datagen.shards import finished_shards
 from filters.apply import filter_run
 from filters.loading import MissingModelError

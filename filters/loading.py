@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from datagen.backbone import ModelUnavailableError
+from datagen.runtime import ModelUnavailableError
 
 
 class ModelWrapper(nn.Module):

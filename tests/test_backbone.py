@@ -5,7 +5,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import datagen.config  # noqa: F401  (the ${repo:} resolver)
-from datagen.backbone import ModelUnavailableError, load_backbone, resolve_dtype
+from datagen.backbone import load_backbone
+from datagen.runtime import ModelUnavailableError, resolve_dtype
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 TASKS = sorted(p.stem for p in (Path(CONF) / "task").glob("*.yaml"))

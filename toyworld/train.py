@@ -22,7 +22,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.training_utils import EMAModel
 from torchvision.utils import save_image
 
-from datagen.backbone import resolve_device
+from datagen.runtime import resolve_device
 from toyworld import evaluate, models
 from toyworld.data import Batch, TokenCache, batches, segmentation_prompts
 
