@@ -78,9 +78,11 @@ def _schedulers(scheduler: DDIMScheduler) -> tuple[DDIMScheduler, DDIMInverseSch
     return scheduler, DDIMInverseScheduler.from_config(scheduler.config)
 
 
-def load_pretrained(source: str, name: str, revision: str | None = None, variant: str | None = None) -> Backbone:
-    """Components of a diffusers Stable Diffusion folder or hub repository."""
-    kwargs: dict[str, Any] = {"revision": revision, "variant": variant}
+def load_pretrained(source: str, name: str, revision: str | None = None, variant: str | None = None,
+                    dtype: torch.dtype | None = None) -> Backbone:
+    """Components of a diffusers Stable Diffusion folder or hub repository, loaded straight into `dtype`
+    (None: as stored), so fp16 files never pass through a full fp32 copy and back."""
+    kwargs: dict[str, Any] = {"revision": revision, "variant": variant, "torch_dtype": dtype}
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
@@ -121,11 +123,12 @@ def tiny_backbone(seed: int = 0, unet_channels: tuple[int, ...] = (32, 64), vae_
 def load_backbone(model_cfg: Any, device: str = "auto") -> Backbone:
     """Build the preset `model_cfg` (conf/model/*.yaml) on `device` in the preset's precision."""
     torch_device = resolve_device(device)
+    dtype = resolve_dtype(model_cfg.get("dtype", "auto"), torch_device)
     if model_cfg.get("tiny") is not None:
         backbone = tiny_backbone(**model_cfg.tiny)
     else:
         source = model_cfg.path or model_cfg.id
         if model_cfg.path is not None and not Path(model_cfg.path).exists():
             raise model_unavailable("Stable Diffusion model", model_cfg.path, FileNotFoundError("no such folder"))
-        backbone = load_pretrained(source, model_cfg.name, model_cfg.get("revision"), model_cfg.get("variant"))
-    return backbone.to(torch_device, resolve_dtype(model_cfg.get("dtype", "auto"), torch_device))
+        backbone = load_pretrained(source, model_cfg.name, model_cfg.get("revision"), model_cfg.get("variant"), dtype)
+    return backbone.to(torch_device, dtype)

@@ -17,7 +17,7 @@ from toyworld import evaluate
 from toyworld.data import TokenCache, segmentation_prompts
 from toyworld.render import render
 from toyworld.sentences import BANKS, SENTENCES
-from toyworld.train import WEIGHTS
+from toyworld.models import WEIGHTS
 from toyworld.world import COLOURS, SHAPES, caption, captions, is_held_out, sample_scenes
 
 CPU = torch.device("cpu")
@@ -157,8 +157,16 @@ def test_clip_zero_shot_shape_and_colour(world):
 
 
 @needs_weights
+def test_clip_text_tower_is_the_unet_text_encoder(world):
+    """The UNet was trained on the CLIP's text tower; later CLIP training must leave it untouched."""
+    text_encoder = CLIPTextModel.from_pretrained(WEIGHTS, subfolder="text_encoder", torch_dtype=torch.float32)
+    tower = world["clip"].text_model.state_dict()
+    assert all(torch.equal(value, tower[name]) for name, value in text_encoder.state_dict().items())
+
+
+@needs_weights
 def test_vae_reconstructs(world):
-    assert evaluate.vae_psnr(world["vae"], 64, seed=1001, device=CPU)["vae_psnr_db"] >= 25
+    assert evaluate.vae_psnr(world["vae"], 64, seed=1001, device=CPU)["vae_psnr_db"] >= 23
 
 
 @needs_weights

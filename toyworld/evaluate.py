@@ -1,11 +1,21 @@
-"""Validation figures of the toy world's models, each on scenes rendered fresh from its own seed."""
+"""Validation figures of the toy world's models, each on scenes rendered fresh from its own seed.
+
+`python -m toyworld.evaluate [--weights toyworld/weights]` loads every model of a trained world as the
+pipeline does (fp32 on the CPU), prints the table of toyworld/README.md and writes evaluation.json."""
 from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import (BlipForConditionalGeneration, BlipProcessor, CLIPModel, CLIPSegForImageSegmentation,
+                          CLIPTextModel, CLIPTokenizer)
 
 from toyworld.data import TokenCache
+from toyworld.models import WEIGHTS
 from toyworld.render import render
 from toyworld.world import COLOURS, SHAPES, Scenes, captions, sample_scenes
 
@@ -95,3 +105,40 @@ def masks_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """IoU of boolean masks N x H x W, per item."""
     return (a & b).flatten(1).sum(1) / (a | b).flatten(1).sum(1).clamp_min(1)
 
+
+
+def evaluate_world(weights: Path, n: int = 512, n_diffusion: int = 128, device: torch.device = torch.device("cpu")) -> dict:
+    """Every figure of the world in `weights`, on the same seeds whatever trained it."""
+    def load(cls, folder: str):
+        return cls.from_pretrained(weights / folder, torch_dtype=torch.float32).to(device).eval()
+
+    clip, vae = load(CLIPModel, "clip"), load(AutoencoderKL, "vae")
+    tokens = TokenCache(CLIPTokenizer.from_pretrained(weights / "tokenizer"))
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=load(CLIPTextModel, "text_encoder"), tokenizer=tokens.tokenizer,
+        unet=load(UNet2DConditionModel, "unet"), scheduler=DDIMScheduler.from_pretrained(weights / "scheduler"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    figures = {**clip_zero_shot(clip, tokens, n, 2001, device), **vae_psnr(vae, n, 2002, device),
+               **diffusion_accuracy(pipeline, clip, tokens, n_diffusion, 2003)[0],
+               **segmenter_iou(load(CLIPSegForImageSegmentation, "segmenter"), tokens, n, 2004, device),
+               **captioner_exact_match(load(BlipForConditionalGeneration, "captioner"),
+                                       BlipProcessor.from_pretrained(weights / "captioner"), n, 2005, device)}
+    return {name: round(value, 4) for name, value in figures.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Validation figures of a trained toy world.")
+    parser.add_argument("--weights", type=Path, default=WEIGHTS)
+    parser.add_argument("--n", type=int, default=512, help="fresh scenes per figure")
+    parser.add_argument("--n-diffusion", type=int, default=128, help="held-out captions sampled")
+    args = parser.parse_args(argv)
+    figures = evaluate_world(args.weights, args.n, args.n_diffusion)
+    (args.weights / "evaluation.json").write_text(json.dumps(figures, indent=2) + "\n")
+    print("| figure | value |\n| --- | --- |")
+    for name, value in figures.items():
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,8 @@ processors do with BERT's.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import (
     BertTokenizerFast,
@@ -29,6 +31,7 @@ from transformers import (
 from datagen.tokenizer import clip_tokenizer
 from toyworld.world import BACKGROUNDS, COLOURS, SHAPES, TONES
 
+WEIGHTS = Path(__file__).resolve().parent / "weights"   # the committed world (model=toy)
 IMAGE_SIZE = 32
 TEXT_WIDTH = 32        # the text encoder's hidden size = the UNet's cross_attention_dim
 LATENT_CHANNELS = 4
