@@ -18,6 +18,7 @@ from toyworld.data import TokenCache, segmentation_prompts
 from toyworld.render import render
 from toyworld.sentences import BANKS, SENTENCES
 from toyworld.models import WEIGHTS
+from toyworld.train import STAGES, Stage, TrainConfig, train_world
 from toyworld.world import COLOURS, SHAPES, caption, captions, is_held_out, sample_scenes
 
 CPU = torch.device("cpu")
@@ -203,3 +204,26 @@ def test_token_cache_equals_the_tokenizer():
     texts = captions(sample_scenes(64, 9), np.random.default_rng(0), partial_prob=0.5) + [""]
     expected = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     assert torch.equal(TokenCache(tokenizer)(texts, CPU), expected)
+
+
+def test_training_one_stage_again_keeps_the_others(tmp_path):
+    """A few steps of every stage, then the segmenter alone: the other models' files and summary entries
+    stay as they were, and the CLIP's text tower stays the saved text encoder."""
+    tiny = Stage(2, 8, 1e-3)
+    cfg = TrainConfig(out=tmp_path, device="cpu", clip=tiny, clip_vision=tiny, vae=tiny, unet=tiny, segmenter=tiny,
+                      captioner=tiny, eval_size=8, eval_diffusion_size=2)
+    first = train_world(cfg)
+    assert list(first["stages"]) == list(STAGES)
+    unet_bytes = (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    segmenter_bytes = (tmp_path / "segmenter" / "model.safetensors").read_bytes()
+    text_encoder = CLIPTextModel.from_pretrained(tmp_path / "text_encoder").state_dict()
+    clip_text = CLIPModel.from_pretrained(tmp_path / "clip").text_model.state_dict()
+    assert all(torch.equal(value, clip_text[name]) for name, value in text_encoder.items())
+
+    cfg.seed = 1
+    again = train_world(cfg, ("segmenter",))
+    assert again["stages"]["segmenter"]["seed"] == 1
+    assert {name: again["stages"][name] for name in STAGES if name != "segmenter"} == \
+           {name: first["stages"][name] for name in STAGES if name != "segmenter"}
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet_bytes
+    assert (tmp_path / "segmenter" / "model.safetensors").read_bytes() != segmenter_bytes
