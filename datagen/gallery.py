@@ -1,4 +1,4 @@
-"""python -m datagen.gallery DIR [--per-page 100] [--thumb-size 160]: a static page of a run's pairs.
+"""python -m datagen.gallery DIR [--per-page 100] [--thumb-size 160] [--grid N]: a static page of a run's pairs.
 
 Writes DIR/gallery/index.html, data.js (every finished pair's caption, scores and thumbnail names) and
 thumbs/KEY.input.jpg, KEY.edited.jpg. The page opens from disk with no server (file://), sorts by any
@@ -162,16 +162,45 @@ def write_gallery(run_dir: Path, per_page: int = 100, thumb_size: int = 160) -> 
     return out / "index.html"
 
 
+def write_grid(run_dir: Path, pairs: int = 32, columns: int = 8, scale: int = 3, gap: int = 2) -> Path:
+    """run_dir/gallery/grid.png: the first `pairs` finished pairs, each column an input above its edit,
+    upscaled `scale` times with nearest neighbours so small images stay sharp (a picture for a README)."""
+    images = []
+    for _, record in sorted(finished_shards(run_dir).items()):
+        for sample in wds.WebDataset(str(run_dir / "shards" / record.shard), shardshuffle=False, empty_check=False):
+            images.append([Image.open(io.BytesIO(sample[f"{side}.png"])).convert("RGB") for side in ("input", "edited")])
+            if len(images) == pairs:
+                break
+        if len(images) == pairs:
+            break
+    if not images:
+        raise SystemExit(f"{run_dir} has no finished pairs yet")
+    w, h = images[0][0].width * scale, images[0][0].height * scale
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * (w + gap) - gap, rows * (2 * h + 3 * gap) - 3 * gap), "white")
+    for i, pair in enumerate(images):
+        x, y = (i % columns) * (w + gap), (i // columns) * (2 * h + 3 * gap)
+        for side, image in enumerate(pair):
+            grid.paste(image.resize((w, h), Image.NEAREST), (x, y + side * (h + gap)))
+    path = run_dir / "gallery" / "grid.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datagen.gallery", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a generation output directory (holds config.yaml and shards/)")
     parser.add_argument("--per-page", type=int, default=100, help="pairs per page (default 100)")
     parser.add_argument("--thumb-size", type=int, default=160, help="thumbnail side in pixels (default 160)")
+    parser.add_argument("--grid", type=int, default=0, metavar="N", help="also write gallery/grid.png of the first N pairs")
     args = parser.parse_args(argv)
     if not (args.run_dir / "config.yaml").is_file():
         parser.error(f"{args.run_dir / 'config.yaml'} not found: DIR must be a generation run's output directory")
     page = write_gallery(args.run_dir, args.per_page, args.thumb_size)
     print(f"open {page.resolve().as_uri()}")
+    if args.grid:
+        print(f"grid: {write_grid(args.run_dir, args.grid)}")
     return 0
 
 

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from datagen.gallery import main as gallery_main
+from datagen.gallery import main as gallery_main, write_grid
 from datagen.shards import ShardWriter
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -79,3 +79,11 @@ def test_sorting_by_a_score_and_paging(run_dir, tmp_path):
     assert shown(open_page(run_dir, tmp_path, "#sort=clip_gain&order=desc")) == [0, 3, 5, 2]
     assert shown(open_page(run_dir, tmp_path, "#sort=clip_gain&order=desc&page=2")) == [1, 4]
     assert shown(open_page(run_dir, tmp_path, "#sort=clip_gain&order=asc")) == [1, 2, 5, 3]
+
+
+def test_grid_shows_each_input_above_its_edit(run_dir):
+    grid = np.asarray(Image.open(write_grid(run_dir, pairs=4, columns=2, scale=2, gap=2)))
+    assert grid.shape == (2 * (2 * 64 + 2) + 2, 2 * 64 + 2, 3)
+    for i in range(4):
+        x, y = (i % 2) * 66, (i // 2) * 134
+        assert (grid[y:y + 64, x:x + 64] == 40 * i).all() and (grid[y + 66:y + 130, x:x + 64] == 0).all()
