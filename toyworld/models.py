@@ -107,8 +107,9 @@ def caption_words() -> list[str]:
 
 
 def caption_tokenizer() -> BertTokenizerFast:
+    """[DEC] is a special token, as in BLIP's hub processors, so decoding with skip_special_tokens drops it."""
     vocab = {word: i for i, word in enumerate(caption_words())}
-    return BertTokenizerFast(vocab=vocab, model_max_length=32)
+    return BertTokenizerFast(vocab=vocab, model_max_length=32, additional_special_tokens=["[DEC]"])
 
 
 def captioner_processor() -> BlipProcessor:

@@ -58,7 +58,7 @@ def preset(name: str, **overrides) -> TrainConfig:
     ~80 minutes on two free cores (CLIP ~0.6 s, VAE ~1.2 s, UNet ~1.3 s per step at these batches)."""
     if name == "cpu":
         overrides = dict(clip=Stage(800, 128, 2e-3), clip_vision=Stage(1500, 128, 1e-3), vae=Stage(500, 64, 2e-3), unet=Stage(1200, 64, 1e-3),
-                         segmenter=Stage(600, 64, 2e-3), captioner=Stage(500, 64, 2e-3), eval_size=256,
+                         segmenter=Stage(1500, 64, 2e-3), captioner=Stage(2000, 64, 2e-3), eval_size=256,
                          eval_diffusion_size=64) | overrides
     return TrainConfig(**overrides)
 
