@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from datagen.shards import finished_shards
 from distill.data import PairAugment, PairStream, recorded_thresholds, shard_urls
 from distill.losses import build_lpips, psnr
 from evaluation.metrics import ClipMargin, KeySelfSimilarity, background_lpips, l1_distance, structure_distance
@@ -156,7 +157,15 @@ class RunEvaluation:
     keys: list[str] = field(default_factory=list)
     teacher: Columns = field(default_factory=dict)
     student: Columns = field(default_factory=dict)
-    images_per_second: float | None = None
+    images_per_second: dict[str, float] = field(default_factory=dict)  # method -> images/s where known
+
+
+def teacher_images_per_second(run_dir: Path) -> float | None:
+    """The editor's pairs per second in the generation run: its manifest's pairs over the wall time its workers
+    spent on them (one worker's view, as generate.py reports it); None where the manifest holds no timings."""
+    records = finished_shards(run_dir).values()
+    pairs, seconds = sum(r.count for r in records), sum(r.seconds for r in records)
+    return pairs / seconds if pairs and seconds > 0 else None
 
 
 class RunEvaluator:
@@ -198,8 +207,11 @@ class RunEvaluator:
             raise EvaluationError(f"no pair of {self.run_dir} passes the thresholds {self.thresholds} in the chosen split "
                                   "(pairs without scores pass none: score them with `python -m filters DIR`, or "
                                   "evaluate every pair with data.thresholds={})")
+        teacher_speed = teacher_images_per_second(self.run_dir)
+        if teacher_speed is not None:
+            result.images_per_second["teacher"] = teacher_speed
         if self.student is not None:
-            result.images_per_second = self.student.images_per_second
+            result.images_per_second["student"] = self.student.images_per_second
         return result
 
     @torch.no_grad()

@@ -45,7 +45,7 @@ METRICS = (
     Metric("lpips_to_teacher", "LPIPS to teacher", "lpips_to_teacher", False, ("student",)),
     Metric("l1_to_teacher", "L1 to teacher", "l1_to_teacher", False, ("student",)),
     Metric("psnr_to_teacher", "PSNR to teacher (dB)", "psnr_to_teacher", True, ("student",), decimals=2),
-    Metric("images_per_second", "images/s", None, True, ("student",), decimals=1),
+    Metric("images_per_second", "images/s", None, True, decimals=2),
 )
 
 DEFINITIONS = """\
@@ -53,7 +53,7 @@ DEFINITIONS = """\
 - **Structure Dist**: MSE between the last-layer key self-similarities of input and edit in a ViT (Tumanyan et al. 2022).
 - **BG LPIPS**: LPIPS between input and edit with the object (the segmenter's source mask in the input or target mask in the edit) blanked in both; n/a for tasks without object words.
 - **to teacher**: the student's output against the teacher's edit, both at the student's resolution (L1 and PSNR on [-1, 1]).
-- **images/s**: the student's forward passes only, after three warm-up calls, batch as evaluated."""
+- **images/s**: teacher: pairs per second of wall time in the generation run (its manifest; one worker); student: its forward passes only, after three warm-up calls, batch as evaluated."""
 
 
 def summarise(result: RunEvaluation) -> dict[str, dict[str, float | None]]:
@@ -62,8 +62,8 @@ def summarise(result: RunEvaluation) -> dict[str, dict[str, float | None]]:
     summary: dict[str, dict[str, float | None]] = {}
     for metric in METRICS:
         if metric.column is None:
-            if result.images_per_second is not None:
-                summary[metric.name] = {"student": result.images_per_second}
+            if result.images_per_second:
+                summary[metric.name] = dict(result.images_per_second)
             continue
         values = {method: np.asarray(columns[method][metric.column], dtype=float) for method in metric.methods if columns[method]}
         if values:

@@ -1,6 +1,5 @@
 """Evaluation: each metric on constructed cases, and the report on tiny shards with a scripted student."""
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from datagen.shards import ShardWriter
+from datagen.shards import ShardWriter, finished_shards
 from distill.losses import build_lpips, psnr
 from evaluation.evaluator import EvaluationError
 from evaluation.job import run
@@ -180,6 +179,9 @@ def test_report_on_tiny_shards_has_one_row_per_metric_matching_the_json(tmp_path
             else:
                 assert cell == "-"
     assert 0 <= document["metrics"]["clip_acc"]["teacher"] <= 100 and document["metrics"]["images_per_second"]["student"] > 0
+    records = finished_shards(tmp_path / "run").values()
+    assert document["metrics"]["images_per_second"]["teacher"] == pytest.approx(
+        sum(r.count for r in records) / sum(r.seconds for r in records))
 
     pairs = [json.loads(line) for line in (report.parent / "pairs.jsonl").read_text().splitlines()]
     assert [pair["key"] for pair in pairs] == keys
