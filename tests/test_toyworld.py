@@ -18,7 +18,7 @@ from toyworld.data import TokenCache, segmentation_prompts
 from toyworld.render import render
 from toyworld.sentences import BANKS, SENTENCES
 from toyworld.models import WEIGHTS
-from toyworld.train import STAGES, Stage, TrainConfig, train_world
+from toyworld.train import PHASES, STAGES, Stage, TrainConfig, record_stage, train_world
 from toyworld.world import COLOURS, SHAPES, caption, captions, is_held_out, sample_scenes
 
 CPU = torch.device("cpu")
@@ -227,3 +227,19 @@ def test_training_one_stage_again_keeps_the_others(tmp_path):
            {name: first["stages"][name] for name in STAGES if name != "segmenter"}
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet_bytes
     assert (tmp_path / "segmenter" / "model.safetensors").read_bytes() != segmenter_bytes
+
+
+def test_side_by_side_phases_train_every_stage_once_after_its_inputs():
+    phase_of = {stage: i for i, phase in enumerate(PHASES) for group in phase for stage in group}
+    assert sorted(stage for phase in PHASES for group in phase for stage in group) == sorted(STAGES)
+    assert phase_of["unet"] > max(phase_of["vae"], phase_of["clip"]) and phase_of["clip_vision"] > phase_of["clip"]
+
+
+def test_clip_vision_run_again_keeps_the_earlier_run_in_its_entry(tmp_path):
+    record_stage(tmp_path, "clip", {"finished": 1})
+    record_stage(tmp_path, "clip_vision", {"finished": 2, "steps": 10})
+    summary = record_stage(tmp_path, "clip_vision", {"finished": 3, "steps": 20})
+    assert summary["stages"]["clip_vision"]["continues"]["steps"] == 10
+    record_stage(tmp_path, "clip", {"finished": 4})       # a new CLIP: clip_vision starts over
+    summary = record_stage(tmp_path, "clip_vision", {"finished": 5, "steps": 30})
+    assert "continues" not in summary["stages"]["clip_vision"] and summary["stages"]["clip"]["finished"] == 4
