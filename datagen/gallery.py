@@ -1,5 +1,7 @@
 """python -m datagen.gallery DIR [--per-page 100] [--thumb-size 160] [--grid N]: a static page of a run's pairs.
 
+`python -m datagen.gallery OUTPUTS --inputs INPUTS --grid N` instead pictures translate.py's results: OUTPUTS/grid.png.
+
 Writes DIR/gallery/index.html, data.js (every finished pair's caption, scores and thumbnail names) and
 thumbs/KEY.input.jpg, KEY.edited.jpg. The page opens from disk with no server (file://), sorts by any
 score and shows one page of pairs at a time, so 15,000 pairs load as fast as 100. Its state lives in the
@@ -162,9 +164,8 @@ def write_gallery(run_dir: Path, per_page: int = 100, thumb_size: int = 160) -> 
     return out / "index.html"
 
 
-def write_grid(run_dir: Path, pairs: int = 32, columns: int = 8, scale: int = 3, gap: int = 2) -> Path:
-    """run_dir/gallery/grid.png: the first `pairs` finished pairs, each column an input above its edit,
-    upscaled `scale` times with nearest neighbours so small images stay sharp (a picture for a README)."""
+def write_grid(run_dir: Path, pairs: int = 32, **layout) -> Path:
+    """run_dir/gallery/grid.png: the first `pairs` finished pairs, each column an input above its edit."""
     images = []
     for _, record in sorted(finished_shards(run_dir).items()):
         for sample in wds.WebDataset(str(run_dir / "shards" / record.shard), shardshuffle=False, empty_check=False):
@@ -175,14 +176,31 @@ def write_grid(run_dir: Path, pairs: int = 32, columns: int = 8, scale: int = 3,
             break
     if not images:
         raise SystemExit(f"{run_dir} has no finished pairs yet")
-    w, h = images[0][0].width * scale, images[0][0].height * scale
-    rows = -(-len(images) // columns)
-    grid = Image.new("RGB", (columns * (w + gap) - gap, rows * (2 * h + 3 * gap) - 3 * gap), "white")
-    for i, pair in enumerate(images):
+    return paint_grid(images, run_dir / "gallery" / "grid.png", **layout)
+
+
+def write_folder_grid(outputs: Path, inputs: Path, pairs: int = 32, **layout) -> Path:
+    """outputs/grid.png: images of `inputs` above the same-named images of `outputs` (translate.py's
+    results), the first `pairs` names in order."""
+    names = sorted(path.name for path in outputs.iterdir() if path.suffix.lower() in (".png", ".jpg", ".jpeg")
+                   and path.name != "grid.png" and (inputs / path.name).is_file())[:pairs]
+    if not names:
+        raise SystemExit(f"no image of {outputs} has a same-named input in {inputs}")
+    images = [[Image.open(folder / name).convert("RGB") for folder in (inputs, outputs)] for name in names]
+    return paint_grid(images, outputs / "grid.png", **layout)
+
+
+def paint_grid(pairs: list[list[Image.Image]], path: Path, columns: int = 8, scale: int = 3, gap: int = 2) -> Path:
+    """Each column an image above its edit, upscaled `scale` times with nearest neighbours so small images
+    stay sharp (a picture for a README)."""
+    w, h = pairs[0][0].width * scale, pairs[0][0].height * scale
+    columns, rows = min(columns, len(pairs)), -(-len(pairs) // columns)
+    # A column: image, gap, edit; rows apart by 2 gaps.
+    grid = Image.new("RGB", (columns * (w + gap) - gap, rows * (2 * h + 3 * gap) - 2 * gap), "white")
+    for i, pair in enumerate(pairs):
         x, y = (i % columns) * (w + gap), (i // columns) * (2 * h + 3 * gap)
         for side, image in enumerate(pair):
             grid.paste(image.resize((w, h), Image.NEAREST), (x, y + side * (h + gap)))
-    path = run_dir / "gallery" / "grid.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path
@@ -194,7 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-page", type=int, default=100, help="pairs per page (default 100)")
     parser.add_argument("--thumb-size", type=int, default=160, help="thumbnail side in pixels (default 160)")
     parser.add_argument("--grid", type=int, default=0, metavar="N", help="also write gallery/grid.png of the first N pairs")
+    parser.add_argument("--inputs", type=Path, metavar="IN",
+                        help="DIR holds translated images instead: write DIR/grid.png of IN's images above them (--grid N)")
     args = parser.parse_args(argv)
+    if args.inputs:
+        print(f"grid: {write_folder_grid(args.run_dir, args.inputs, args.grid or 32)}")
+        return 0
     if not (args.run_dir / "config.yaml").is_file():
         parser.error(f"{args.run_dir / 'config.yaml'} not found: DIR must be a generation run's output directory")
     page = write_gallery(args.run_dir, args.per_page, args.thumb_size)

@@ -17,7 +17,7 @@ from datagen.shards import ShardWriter
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CLIP_GAIN = [0.30, -0.10, 0.05, 0.20, None, 0.12]  # sample 4 lacks the score: it sorts last either way
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason="needs Debian's chromium (apt-get install -y chromium; .ci/run installs it)")
 
 
@@ -66,6 +66,7 @@ def test_thumbnails_are_small_jpegs_of_the_inputs(run_dir):
     assert data["scores"] == ["clip_gain", "seg_iou", "xa_loss"] and data["thresholds"] == {"clip_gain": 0.1}
 
 
+@needs_chromium
 def test_page_loads_with_thumbnails_and_captions(run_dir, tmp_path):
     dom = open_page(run_dir, tmp_path)
     assert shown(dom) == [0, 1, 2, 3]  # first page of 4, in index order
@@ -75,6 +76,7 @@ def test_page_loads_with_thumbnails_and_captions(run_dir, tmp_path):
     assert '<span class="below">clip_gain -0.100' in dom  # under the task's threshold
 
 
+@needs_chromium
 def test_sorting_by_a_score_and_paging(run_dir, tmp_path):
     assert shown(open_page(run_dir, tmp_path, "#sort=clip_gain&order=desc")) == [0, 3, 5, 2]
     assert shown(open_page(run_dir, tmp_path, "#sort=clip_gain&order=desc&page=2")) == [1, 4]
@@ -83,7 +85,22 @@ def test_sorting_by_a_score_and_paging(run_dir, tmp_path):
 
 def test_grid_shows_each_input_above_its_edit(run_dir):
     grid = np.asarray(Image.open(write_grid(run_dir, pairs=4, columns=2, scale=2, gap=2)))
-    assert grid.shape == (2 * (2 * 64 + 2) + 2, 2 * 64 + 2, 3)
+    assert grid.shape == (2 * (2 * 64 + 2) + 4, 2 * 64 + 2, 3)
     for i in range(4):
         x, y = (i % 2) * 66, (i // 2) * 134
         assert (grid[y:y + 64, x:x + 64] == 40 * i).all() and (grid[y + 66:y + 130, x:x + 64] == 0).all()
+
+
+def test_folder_grid_pairs_translated_images_with_their_inputs_by_name(tmp_path):
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir(), outputs.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (10 * i, 0, 0)).save(inputs / f"{i}.png")
+        if i != 1:   # an input without a result is left out
+            Image.new("RGB", (8, 8), (0, 10 * i, 0)).save(outputs / f"{i}.png")
+    assert gallery_main([str(outputs), "--inputs", str(inputs), "--grid", "8"]) == 0
+    grid = np.asarray(Image.open(outputs / "grid.png"))
+    assert grid.shape == (2 * 24 + 2, 2 * 24 + 2, 3)
+    for column, i in enumerate((0, 2)):
+        x = column * 26
+        assert (grid[:24, x:x + 24] == (10 * i, 0, 0)).all() and (grid[26:50, x:x + 24] == (0, 10 * i, 0)).all()

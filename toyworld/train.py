@@ -270,19 +270,27 @@ def train_segmenter(cfg: TrainConfig, device: torch.device, tokens: TokenCache) 
 
 
 def train_captioner(cfg: TrainConfig, device: torch.device) -> tuple:
+    """Captioning loss, plus a linear probe for the shapes present on the vision encoder's class token (dropped
+    after training): as in the CLIP, the small ViT learns colours and backgrounds long before shapes, and
+    without it most wrong captions (0.21 exact after 5000 x 64 steps) name the wrong shape."""
     captioner = models.captioner().to(device).train()
     processor = models.captioner_processor()
     words = processor.tokenizer
+    probe = torch.nn.Linear(captioner.config.vision_config.hidden_size, len(SHAPES)).to(device)
 
     def loss_fn(batch: Batch) -> torch.Tensor:
         ids = words(batch.captions, padding="longest", return_tensors="pt").input_ids.to(device)
         ids[:, 0] = captioner.config.text_config.bos_token_id   # BLIP starts captions with [DEC], not [CLS]
         labels = ids.masked_fill(ids == words.pad_token_id, -100)
+        shown = batch.scenes.present[..., None] & (batch.scenes.shape[..., None] == np.arange(len(SHAPES)))
         with autocast(device):
-            return captioner(pixel_values=batch.images, input_ids=ids, labels=labels).loss
+            out = captioner(pixel_values=batch.images, input_ids=ids, labels=labels)
+        shapes = torch.as_tensor(shown.any(1), dtype=torch.float32, device=device)
+        return out.loss + F.binary_cross_entropy_with_logits(probe(out.image_embeds[:, 0].float()), shapes)
 
     data = batches(cfg.captioner.batch_size, cfg.seed + 8, device)
-    seconds = optimise("captioner", captioner.parameters(), cfg.captioner, cfg.steps_scale, data, loss_fn)
+    seconds = optimise("captioner", [*captioner.parameters(), *probe.parameters()], cfg.captioner, cfg.steps_scale,
+                       data, loss_fn)
     captioner.eval()
     figures = evaluate.captioner_exact_match(captioner, processor, cfg.eval_size, cfg.seed + 105, device)
     save(captioner, cfg.out / "captioner")
