@@ -54,6 +54,16 @@ def vae_psnr(vae, n: int, seed: int, device: torch.device) -> dict[str, float]:
     return {"vae_psnr_db": float((-10 * torch.log10(mse)).mean())}
 
 
+@torch.no_grad()
+def vae_colour_acc(vae, clip, tokens: TokenCache, n: int, seed: int, device: torch.device) -> dict[str, float]:
+    """Share of reconstructions of single objects whose colour the CLIP still names right (PSNR hides a
+    decoder that greys out a small object's colour)."""
+    scenes, images = _single_objects(n, seed, device)
+    decoded = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
+    return {"vae_clip_colour_acc": float((clip_classify(clip, tokens, decoded, COLOUR_TEXTS).numpy()
+                                          == scenes.colour[:, 0]).mean())}
+
+
 def diffusion_samples(pipeline: StableDiffusionPipeline, prompts: list[str], seed: int, steps: int = 50,
                       guidance: float = 5.0) -> torch.Tensor:
     """DDIM samples in [-1, 1] for prompts, through diffusers' own Stable Diffusion pipeline."""
@@ -120,6 +130,7 @@ def evaluate_world(weights: Path, n: int = 512, n_diffusion: int = 128, device: 
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     figures = {**clip_zero_shot(clip, tokens, n, 2001, device), **vae_psnr(vae, n, 2002, device),
+               **vae_colour_acc(vae, clip, tokens, n, 2006, device),
                **diffusion_accuracy(pipeline, clip, tokens, n_diffusion, 2003)[0],
                **segmenter_iou(load(CLIPSegForImageSegmentation, "segmenter"), tokens, n, 2004, device),
                **captioner_exact_match(load(BlipForConditionalGeneration, "captioner"),
