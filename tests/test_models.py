@@ -154,7 +154,7 @@ def test_parameter_counts_match_documented_formula(preset):
         cfg = compose(overrides=[f"+generator={preset}", f"+discriminator={preset}"])
     with torch.device("meta"):  # counts without allocating 80 M weights
         G, D = instantiate(cfg.generator), instantiate(cfg.discriminator)
-    g_args = {k: v for k, v in cfg.generator.items() if k not in ("_target_", "dropout", "w_avg_beta", "grouped_modconv")}
+    g_args = {k: v for k, v in cfg.generator.items() if k not in ("_target_", "dropout", "w_avg_beta", "grouped_modconv", "residual")}
     d_args = {k: v for k, v in cfg.discriminator.items() if k not in ("_target_", "mbstd_group")}
     print(f"{preset}: G {G.num_parameters():,} parameters, D {D.num_parameters():,} parameters")
     assert G.num_parameters() == expected_generator_parameters(**g_args)
