@@ -3,9 +3,6 @@
 Structure follows the official TensorFlow code (zsyzzsoft/co-mod-gan, ``G_synthesis_co_mod_gan``)
 with StyleGAN2 layers from ``models.layers``; two deliberate differences: the input is the whole
 image (no inpainting mask, no compositing), and dropout on the global code is off in eval mode.
-One option of ours: ``residual=True`` adds the toRGB sum to the input image, so an untrained generator
-is close to the identity and training spends its steps on the edit rather than on first learning to
-copy the input (on 32 px toy pairs a plain generator was still worse than the identity after 600 steps).
 
     image [B, 3, R, R] --Encoder--> skips at R, R/2, ..., 4   +   global code [B, code_dim]
     z [B, z_dim] --MappingNetwork--> w [B, w_dim]              (eval: w = w_avg, no mapping)
@@ -161,11 +158,10 @@ class Generator(nn.Module):
     def __init__(self, resolution: int, channel_base: int = 32768, channel_max: int = 512,
                  z_dim: int = 512, w_dim: int = 512, code_dim: int = 1024, mapping_layers: int = 8,
                  dropout: float = 0.5, img_channels: int = 3, w_avg_beta: float = 0.995,
-                 grouped_modconv: bool = False, residual: bool = False):
+                 grouped_modconv: bool = False):
         super().__init__()
         check_resolution(resolution, channel_base)
         self.resolution, self.z_dim, self.w_avg_beta = resolution, z_dim, w_avg_beta
-        self.residual = residual
         self.encoder = Encoder(resolution, channel_base, channel_max, code_dim, dropout, img_channels)
         self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers)
         self.decoder = Decoder(resolution, channel_base, channel_max, code_dim, w_dim + code_dim,
@@ -182,8 +178,6 @@ class Generator(nn.Module):
         skips, code = self.encoder(image)
         w = self.style_latent(z, image)
         rgb = self.decoder(code, skips, torch.cat([w, code], dim=1))
-        if self.residual:
-            rgb = rgb + image
         return rgb if self.training else rgb.clamp(-1.0, 1.0)
 
     def style_latent(self, z: Optional[Tensor], image: Tensor) -> Tensor:

@@ -154,7 +154,7 @@ def test_parameter_counts_match_documented_formula(preset):
         cfg = compose(overrides=[f"+generator={preset}", f"+discriminator={preset}"])
     with torch.device("meta"):  # counts without allocating 80 M weights
         G, D = instantiate(cfg.generator), instantiate(cfg.discriminator)
-    g_args = {k: v for k, v in cfg.generator.items() if k not in ("_target_", "dropout", "w_avg_beta", "grouped_modconv", "residual")}
+    g_args = {k: v for k, v in cfg.generator.items() if k not in ("_target_", "dropout", "w_avg_beta", "grouped_modconv")}
     d_args = {k: v for k, v in cfg.discriminator.items() if k not in ("_target_", "mbstd_group")}
     print(f"{preset}: G {G.num_parameters():,} parameters, D {D.num_parameters():,} parameters")
     assert G.num_parameters() == expected_generator_parameters(**g_args)
@@ -196,21 +196,8 @@ def test_training_tracks_w_avg_for_eval():
     assert torch.count_nonzero(G.w_avg) > 0
 
 
-def test_residual_generator_adds_the_input_to_the_same_function():
-    G = tiny_generator(32, dropout=0.0).train()
-    R = tiny_generator(32, dropout=0.0, residual=True).train()
-    x, z = images(2, 32), torch.randn(2, TINY["z_dim"], generator=torch.Generator().manual_seed(2))
-    outputs = []
-    for model in (G, R):
-        torch.manual_seed(3)   # the same noise inputs in both
-        with torch.no_grad():
-            outputs.append(model(x, z))
-    torch.testing.assert_close(outputs[1], outputs[0] + x)
-
-
-@pytest.mark.parametrize("residual", [False, True])
-def test_torchscript_matches_eager(residual):
-    G = tiny_generator(32, residual=residual).eval()
+def test_torchscript_matches_eager():
+    G = tiny_generator(32).eval()
     scripted = torch.jit.script(G)
     x = images(2, 32)
     with torch.no_grad():
