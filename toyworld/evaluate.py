@@ -35,22 +35,32 @@ def clip_classify(clip, tokens: TokenCache, images: torch.Tensor, texts: list[st
     return clip(input_ids=ids, pixel_values=images.to(clip.dtype)).logits_per_image.argmax(-1).cpu()
 
 
+def clip_judges_right(clip, tokens: TokenCache, images: torch.Tensor, scenes: Scenes, attribute: str) -> np.ndarray:
+    """Per image: does the CLIP's zero-shot pick ("a star"; "a red shape") name the first object's
+    `attribute` ("shape" or "colour")?"""
+    texts = SHAPE_TEXTS if attribute == "shape" else COLOUR_TEXTS
+    return clip_classify(clip, tokens, images, texts).numpy() == getattr(scenes, attribute)[:, 0]
+
+
+@torch.no_grad()
+def reconstruct(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] through the posterior mean and back."""
+    return vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
+
+
 @torch.no_grad()
 def clip_zero_shot(clip, tokens: TokenCache, n: int, seed: int, device: torch.device) -> dict[str, float]:
     """Shape and colour accuracy of zero-shot prompts ("a star", "a red shape") on single objects."""
     scenes, images = _single_objects(n, seed, device)
-    shape = clip_classify(clip, tokens, images, SHAPE_TEXTS).numpy()
-    colour = clip_classify(clip, tokens, images, COLOUR_TEXTS).numpy()
-    return {"clip_shape_acc": float((shape == scenes.shape[:, 0]).mean()),
-            "clip_colour_acc": float((colour == scenes.colour[:, 0]).mean())}
+    return {f"clip_{attribute}_acc": float(clip_judges_right(clip, tokens, images, scenes, attribute).mean())
+            for attribute in ("shape", "colour")}
 
 
 @torch.no_grad()
 def vae_psnr(vae, n: int, seed: int, device: torch.device) -> dict[str, float]:
     """Reconstruction PSNR (dB, images in [0, 1]) through the posterior mean."""
     images = render(sample_scenes(n, seed, held_out="any"), device)[0] * 2 - 1
-    decoded = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
-    mse = ((decoded - images) / 2).pow(2).flatten(1).mean(1)
+    mse = ((reconstruct(vae, images) - images) / 2).pow(2).flatten(1).mean(1)
     return {"vae_psnr_db": float((-10 * torch.log10(mse)).mean())}
 
 
@@ -59,9 +69,7 @@ def vae_colour_acc(vae, clip, tokens: TokenCache, n: int, seed: int, device: tor
     """Share of reconstructions of single objects whose colour the CLIP still names right (PSNR hides a
     decoder that greys out a small object's colour)."""
     scenes, images = _single_objects(n, seed, device)
-    decoded = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
-    return {"vae_clip_colour_acc": float((clip_classify(clip, tokens, decoded, COLOUR_TEXTS).numpy()
-                                          == scenes.colour[:, 0]).mean())}
+    return {"vae_clip_colour_acc": float(clip_judges_right(clip, tokens, reconstruct(vae, images), scenes, "colour").mean())}
 
 
 def diffusion_samples(pipeline: StableDiffusionPipeline, prompts: list[str], seed: int, steps: int = 50,
@@ -82,8 +90,7 @@ def diffusion_accuracy(pipeline: StableDiffusionPipeline, clip, tokens: TokenCac
     scenes = sample_scenes(n, seed, two_object_prob=0.0, held_out="only")
     prompts = captions(scenes)
     images = diffusion_samples(pipeline, prompts, seed, steps, guidance)
-    shape = clip_classify(clip, tokens, images, SHAPE_TEXTS).numpy() == scenes.shape[:, 0]
-    colour = clip_classify(clip, tokens, images, COLOUR_TEXTS).numpy() == scenes.colour[:, 0]
+    shape, colour = (clip_judges_right(clip, tokens, images, scenes, attribute) for attribute in ("shape", "colour"))
     figures = {"diffusion_shape_acc": float(shape.mean()), "diffusion_colour_acc": float(colour.mean()),
                "diffusion_match": float((shape & colour).mean())}
     return figures, images, prompts

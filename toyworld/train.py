@@ -325,6 +325,12 @@ STAGES = ("clip", "clip_vision", "vae", "unet", "vae_decoder", "segmenter", "cap
 PHASES = ((("clip",), ("vae",)), (("unet",), ("clip_vision", "vae_decoder", "segmenter", "captioner")))
 
 
+def start_summary(out: Path, stages: tuple[str, ...]) -> None:
+    """A run of every stage makes a new world: no entry of an older one may stay in out/summary.json."""
+    if set(stages) == set(STAGES):
+        (out / "summary.json").unlink(missing_ok=True)
+
+
 def record_stage(out: Path, name: str, entry: dict) -> dict:
     """Add a stage's entry to out/summary.json under a lock (side-by-side stages finish in any order).
 
@@ -345,8 +351,7 @@ def record_stage(out: Path, name: str, entry: dict) -> dict:
 
 def train_side_by_side(args: argparse.Namespace, stages: tuple[str, ...]) -> dict:
     """Run `stages` as PHASES in child processes of one thread each (the `--side-by-side` flag)."""
-    if set(stages) == set(STAGES):
-        (args.out / "summary.json").unlink(missing_ok=True)
+    start_summary(args.out, stages)
     common = ["--out", str(args.out), "--device", args.device, "--seed", str(args.seed), "--preset", args.preset,
               "--steps-scale", str(args.steps_scale)]
     for phase in PHASES:
@@ -372,8 +377,7 @@ def train_world(cfg: TrainConfig, stages: tuple[str, ...] = STAGES) -> dict:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    if set(stages) == set(STAGES):
-        (cfg.out / "summary.json").unlink(missing_ok=True)
+    start_summary(cfg.out, stages)
     summary: dict = {}
     tokens = TokenCache(models.text_tokenizer())
     clip = text_encoder = vae = None
