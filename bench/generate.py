@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from bench.measure import count_flops, matmul_tflops, peak_memory, seconds, top_kernels
 from bench.reference import ReferenceEditor
-from bench.report import write_report
+from bench.report import Report
 from datagen.backbone import Backbone, tiny_backbone
 from datagen.runtime import resolve_device
 from datagen.editor import EditBatch, Pix2PixZero
@@ -33,6 +33,7 @@ PAPER_PAIRS, PAPER_STEPS = 15_000, 100
 PROMPT = "a photo of a cat sitting on a sofa"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REFERENCE_DTYPES = ("fp32", "fp16")  # the official code's default and its option
+PARITY, TIMES, KERNELS = "Same pair from both editors (batch 1)", "Seconds per pair", "Top kernels by self time (1-step run)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,9 +143,9 @@ class PairFlops:
 
 
 def bench_precision(setup: Setup, dtype_name: str, batches: Sequence[int], repeats: int, warmup: int,
-                    with_reference: bool, kernels: list[dict] | None = None) -> tuple[list[dict], dict]:
-    """Rows of the reference (batch 1) and of ours at each batch in one precision, and their parity. With
-    `kernels`, also appends the top kernels of a 1-step run of the reference and of ours at the largest batch."""
+                    with_reference: bool, report: Report, profile: bool) -> None:
+    """Adds to `report` the parity of both editors and the rows of the reference (batch 1) and of ours at each
+    batch in one precision; with `profile`, the top kernels of a 1-step run of each (ours at the largest batch)."""
     device, steps = setup.backbone.device, setup.steps
     setup.backbone.to(device, DTYPES[dtype_name])
     peak_tflops = matmul_tflops(device, DTYPES[dtype_name])
@@ -162,28 +163,27 @@ def bench_precision(setup: Setup, dtype_name: str, batches: Sequence[int], repea
                 "TFLOP/pair": flops.at(steps) / 1e12, "TFLOP/s": achieved, "% matmul peak": 100 * achieved / peak_tflops,
                 "h per 15k pairs @100/100": paper_seconds * PAPER_PAIRS / 3600}
 
-    rows, parity = [], {}
     if with_reference:
         ours = setup.ours()
         reference = setup.reference()
         reference_input, reference_edited = setup.run_reference(reference, ours, 0)
         result = ours.edit(setup.batch(0, 1))
-        parity = {"precision": dtype_name, "max abs edited diff": (result.edited - reference_edited).abs().max().item()}
+        parity = {"precision": dtype_name, "max abs edited diff": (result.edited.cpu() - reference_edited.cpu()).abs().max().item()}
         if setup.images is None:  # real inputs are the image itself in both; synthetic ones are decoded
-            parity["max abs input diff"] = (result.inputs - reference_input).abs().max().item()
+            parity["max abs input diff"] = (result.inputs.cpu() - reference_input.cpu()).abs().max().item()
+        report.add(PARITY, parity)
         flops = PairFlops.count(lambda k: setup.run_reference(setup.reference(k), ours, 0))
-        rows.append(measure("reference", 1, lambda: setup.run_reference(reference, ours, 0), flops))
-        if kernels is not None:
-            kernels += [{"setting": f"reference {dtype_name} b1", **kernel}
-                        for kernel in top_kernels(lambda: setup.run_reference(setup.reference(1), ours, 0), device)]
+        report.add(TIMES, measure("reference", 1, lambda: setup.run_reference(reference, ours, 0), flops))
+        if profile:
+            report.add(KERNELS, *({"setting": f"reference {dtype_name} b1", **kernel}
+                                  for kernel in top_kernels(lambda: setup.run_reference(setup.reference(1), ours, 0), device)))
     flops = PairFlops.count(lambda k: setup.run_ours(setup.ours(k), 0, 1))
     ours = setup.ours()
     for batch in batches:
-        rows.append(measure("ours", batch, lambda: setup.run_ours(ours, 0, batch), flops))
-    if kernels is not None:
-        kernels += [{"setting": f"ours {dtype_name} b{max(batches)}", **kernel}
-                    for kernel in top_kernels(lambda: setup.run_ours(setup.ours(1), 0, max(batches)), device)]
-    return rows, parity
+        report.add(TIMES, measure("ours", batch, lambda: setup.run_ours(ours, 0, batch), flops))
+    if profile:
+        report.add(KERNELS, *({"setting": f"ours {dtype_name} b{max(batches)}", **kernel}
+                              for kernel in top_kernels(lambda: setup.run_ours(setup.ours(1), 0, max(batches)), device)))
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -235,15 +235,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
     images = torch.rand(max(args.batches), 3, resolution, resolution, generator=generator) if args.inputs == "real" else None
     setup = Setup(backbone, direction, images, resolution, steps)
 
-    rows, parity_rows, kernels = [], [], ([] if args.profile else None)
-    for name in precisions:
-        with_reference = not args.no_reference and name in REFERENCE_DTYPES
-        precision_rows, parity = bench_precision(setup, name, args.batches, args.repeats, warmup, with_reference, kernels)
-        rows += precision_rows
-        if parity:
-            parity_rows.append(parity)
-    add_ratios(rows)
-
     columns = ["editor", "precision", "batch", "s/pair", "ref/ours", "UNet evals/pair", "peak GiB", "TFLOP/pair",
                "TFLOP/s", "% matmul peak", "h per 15k pairs @100/100"]
     notes = [f"{size} random-weight UNet ({sum(p.numel() for p in backbone.unet.parameters()) / 1e6:.1f} M parameters), "
@@ -251,12 +242,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
              f"xa_guidance {0.1 if args.inputs == 'real' else 0.15}",
              "ref/ours: the reference's s/pair at the same precision (fp16's for bf16) / ours; hours: s/pair "
              "scaled by FLOPs to 100 + 100 steps, x 15,000 pairs, on this device"]
-    tables = {"Same pair from both editors (batch 1)": (parity_rows, ["precision", "max abs input diff", "max abs edited diff"]),
-              "Seconds per pair": (rows, columns)}
-    if kernels:
-        tables["Top kernels by self time (1-step run)"] = (kernels, ["setting", "kernel", "calls", "ms", "share %"])
-    return write_report("generate", args.out, device, tables, notes)
-
+    report = Report("generate", args.out, device, {
+        PARITY: ["precision", "max abs input diff", "max abs edited diff"], TIMES: columns,
+        KERNELS: ["setting", "kernel", "calls", "ms", "share %"]}, notes)
+    for name in precisions:
+        with_reference = not args.no_reference and name in REFERENCE_DTYPES
+        bench_precision(setup, name, args.batches, args.repeats, warmup, with_reference, report, args.profile)
+    add_ratios(report.rows(TIMES))
+    return report.finish()
 
 if __name__ == "__main__":
     main()

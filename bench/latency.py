@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from bench.measure import latency, top_kernels
-from bench.report import write_report
+from bench.report import Report
 from datagen.runtime import resolve_device
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -46,15 +46,17 @@ def compiled_modes(device: torch.device) -> dict[str, Callable[[nn.Module], Call
     return modes
 
 
+LATENCY, KERNELS = "Generator latency", "Top kernels by self time (one call)"
+
+
 def bench_generator(generator: nn.Module, name: str, device: torch.device, dtype_name: str, batches: Sequence[int],
-                    modes: Sequence[str], channels_last: bool, warmup: int, iterations: int,
-                    kernels: list[dict] | None = None) -> list[dict]:
-    """Rows per batch and mode; with `kernels`, also appends each setting's top kernels to it."""
+                    modes: Sequence[str], channels_last: bool, warmup: int, iterations: int, report: Report,
+                    profile: bool) -> None:
+    """Adds to `report` a row per batch and mode; with `profile`, also each setting's top kernels."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     generator = generator.to(device=device, dtype=DTYPES[dtype_name], memory_format=memory_format)
     build = compiled_modes(device)
     runners = {mode: build[mode](generator) for mode in modes}
-    rows = []
     for batch in batches:
         resolution = generator.resolution
         image = torch.rand(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(batch)) * 2 - 1
@@ -68,16 +70,15 @@ def bench_generator(generator: nn.Module, name: str, device: torch.device, dtype
                     difference = (runner(image).float() - expected).abs().max().item()
                     timing = latency(lambda: runner(image), device, warmup, iterations)
             except Exception as error:  # e.g. torch.compile without a working compiler: report, go on
-                rows.append({**row, "note": f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"})
+                report.add(LATENCY, {**row, "note": f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"})
                 continue
-            if kernels is not None:
+            report.add(LATENCY, {**row, "median ms": timing.median_ms, "p95 ms": timing.p95_ms,
+                                 "ms/image": timing.median_ms / batch, "images/s": 1e3 * batch / timing.median_ms,
+                                 "max abs diff vs eager": difference})
+            if profile:
                 with torch.inference_mode():
-                    kernels += [{"setting": f"{name} {dtype_name} b{batch} {mode}", **kernel}
-                                for kernel in top_kernels(lambda: runner(image), device, count=5)]
-            rows.append({**row, "median ms": timing.median_ms, "p95 ms": timing.p95_ms,
-                         "ms/image": timing.median_ms / batch, "images/s": 1e3 * batch / timing.median_ms,
-                         "max abs diff vs eager": difference})
-    return rows
+                    report.add(KERNELS, *({"setting": f"{name} {dtype_name} b{batch} {mode}", **kernel}
+                                          for kernel in top_kernels(lambda: runner(image), device, count=5)))
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -113,23 +114,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
     warmup = args.warmup if args.warmup is not None else (20 if gpu else 2)
     iterations = args.iterations or (100 if gpu else 10)
 
-    rows, kernels = [], ([] if args.profile else None)
+    columns = ["generator", "res", "precision", "batch", "mode", "median ms", "p95 ms", "ms/image", "images/s",
+               "max abs diff vs eager", "note"]
+    notes = [f"eval mode, random weights, {'channels_last' if not args.no_channels_last else 'contiguous'}, "
+             f"{warmup} warm-up + {iterations} timed calls per setting"]
+    report = Report("latency", args.out, device, {LATENCY: columns, KERNELS: ["setting", "kernel", "calls", "ms", "share %"]},
+                    notes)
     for preset in args.presets:
         for grouped in args.grouped_modconv:
             name = preset + (" grouped" if grouped == "true" else "")
             for dtype_name in precisions:
                 generator = build_generator(preset, grouped == "true")
-                rows += bench_generator(generator, name, device, dtype_name, args.batches, modes,
-                                        not args.no_channels_last, warmup, iterations, kernels)
-    columns = ["generator", "res", "precision", "batch", "mode", "median ms", "p95 ms", "ms/image", "images/s",
-               "max abs diff vs eager", "note"]
-    notes = [f"eval mode, random weights, {'channels_last' if not args.no_channels_last else 'contiguous'}, "
-             f"{warmup} warm-up + {iterations} timed calls per setting"]
-    tables = {"Generator latency": (rows, columns)}
-    if kernels:
-        tables["Top kernels by self time (one call)"] = (kernels, ["setting", "kernel", "calls", "ms", "share %"])
-    return write_report("latency", args.out, device, tables, notes)
-
+                bench_generator(generator, name, device, dtype_name, args.batches, modes, not args.no_channels_last,
+                                warmup, iterations, report, args.profile)
+    return report.finish()
 
 if __name__ == "__main__":
     main()

@@ -46,18 +46,41 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def write_report(name: str, out: Path | None, device: torch.device, tables: dict[str, tuple[list[dict], list[str]]],
-                 notes: Sequence[str] = ()) -> Path:
-    """Write `{environment, notes, tables}` to JSON, then print the notes and the tables (last, as promised)."""
-    path = Path(out) if out is not None else RESULTS / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    env = environment(device)
-    payload = {"environment": env, "notes": list(notes),
-               "tables": {title: {"columns": list(columns), "rows": rows} for title, (rows, columns) in tables.items()}}
-    path.write_text(json.dumps(payload, indent=1))
-    print(f"\n{env['device']} | torch {env['torch']} | {env['date']}\n`{env['command']}`  -> {path}")
-    for note in notes:
-        print(note)
-    for title, (rows, columns) in tables.items():
-        print(f"\n{title}\n\n{markdown_table(rows, columns)}")
-    return path
+class Report:
+    """Result tables filled setting by setting. Each new row is printed at once and the JSON rewritten (marked
+    partial), so a run cut off by a time limit (a lent GPU's call) keeps what it measured; `finish` writes the
+    final JSON with the machine, versions, date and command, then prints the notes and every table, last."""
+
+    def __init__(self, name: str, out: Path | None, device: torch.device, tables: dict[str, Sequence[str]],
+                 notes: Sequence[str] = ()) -> None:
+        self.path = Path(out) if out is not None else RESULTS / f"{name}.json"
+        self.device, self.notes = device, list(notes)
+        self.tables: dict[str, tuple[list[str], list[dict]]] = {title: (list(columns), []) for title, columns in tables.items()}
+
+    def rows(self, title: str) -> list[dict]:
+        return self.tables[title][1]
+
+    def add(self, title: str, *rows: dict) -> None:
+        columns, table = self.tables[title]
+        table.extend(rows)
+        for row in rows:
+            print(markdown_table([row], columns).splitlines()[-1], flush=True)
+        self._write(partial=True)
+
+    def _write(self, partial: bool) -> dict[str, str]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        env = environment(self.device)
+        payload = {"environment": env, "notes": self.notes, "partial": partial,
+                   "tables": {title: {"columns": columns, "rows": rows} for title, (columns, rows) in self.tables.items()}}
+        self.path.write_text(json.dumps(payload, indent=1))
+        return env
+
+    def finish(self) -> Path:
+        env = self._write(partial=False)
+        print(f"\n{env['device']} | torch {env['torch']} | {env['date']}\n`{env['command']}`  -> {self.path}")
+        for note in self.notes:
+            print(note)
+        for title, (columns, rows) in self.tables.items():
+            if rows:
+                print(f"\n{title}\n\n{markdown_table(rows, columns)}")
+        return self.path

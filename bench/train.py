@@ -13,6 +13,7 @@ deliver fewer images/s than the step consumes.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import tempfile
 import time
@@ -28,11 +29,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from bench.measure import synchronize
-from bench.report import write_report
+from bench.measure import peak_memory, synchronize
+from bench.report import Report
 from distill.data import PairStream
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
+THROUGHPUT = "Distillation throughput"
 
 
 def train_config(preset: str, out_dir: Path, overrides: Sequence[str] = ()) -> DictConfig:
@@ -107,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="small preset, batch 4, 2 + 2 steps, CPU")
     parser.add_argument("--presets", nargs="+", default=["comodgan_256"], help="conf/generator and conf/discriminator presets")
-    parser.add_argument("--batch-size", type=int, help="default: 64 on a GPU (the paper's), 16 on the CPU")
+    parser.add_argument("--batch-size", type=int, nargs="+", help="one or more (default: 64 on a GPU, the paper's; 16 on the CPU)")
     parser.add_argument("--precisions", nargs="+", help="Lightning precisions (default: bf16-mixed and 32-true on a GPU, 32-true on the CPU)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
@@ -118,41 +120,48 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available() and not args.smoke
     if args.smoke:
-        args.presets, args.batch_size, args.precisions = ["small"], 4, ["32-true"]
+        args.presets, args.batch_size, args.precisions = ["small"], [4], ["32-true"]
         args.warmup, args.steps, args.loader_batches = 1, 2, 2
         args.threads = args.threads or 1  # tiny kernels gain nothing from more threads and lose much on a busy machine
     if args.threads:
         torch.set_num_threads(args.threads)
-    batch_size = args.batch_size or (64 if gpu else 16)
+    batch_sizes = args.batch_size or [64 if gpu else 16]
     precisions = args.precisions or (["bf16-mixed", "32-true"] if gpu else ["32-true"])
 
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        for preset in args.presets:
-            for precision in precisions:
-                overrides = [f"data.batch_size={batch_size}", f"trainer={'gpu' if gpu else 'cpu'}",
-                             f"trainer.precision={precision}", f"data.shuffle_buffer={batch_size}"]
-                if args.adversarial_weight is not None:
-                    overrides.append(f"distill.adversarial_weight={args.adversarial_weight}")
-                cfg = train_config(preset, Path(tmp) / preset, overrides)
-                shard_dir = Path(tmp) / preset / "shards"
-                if not shard_dir.exists():
-                    shard_dir.mkdir(parents=True)
-                    write_pair_shards(shard_dir, (args.loader_batches + 1) * batch_size, cfg.distill.generator.resolution)
-                per_worker = loader_images_per_second(cfg, sorted(str(p) for p in shard_dir.glob("*.tar")), args.loader_batches)
-                step = train_images_per_second(cfg, args.warmup, args.steps)
-                needed = step["train images/s"] / per_worker
-                rows.append({"preset": preset, "res": cfg.distill.generator.resolution, "precision": precision,
-                             "batch": batch_size, "adversarial": cfg.distill.adversarial_weight > 0, **step,
-                             "loader images/s per worker": per_worker, "workers needed": needed,
-                             "workers configured": cfg.data.num_workers,
-                             "bound by": "data" if needed > cfg.data.num_workers else "compute"})
     device = torch.device("cuda" if gpu else "cpu")
     columns = ["preset", "res", "precision", "batch", "adversarial", "median step s", "train images/s",
-               "train images/s incl. R1", "loader images/s per worker", "workers needed", "workers configured", "bound by"]
-    notes = [f"{args.warmup} warm-up + {args.steps} timed steps; loader: {args.loader_batches} batches of "
-             f"{batch_size} after the first, decode + augment (conf/data/pairs.yaml) in one process"]
-    return write_report("train", args.out, device, {"Distillation throughput": (rows, columns)}, notes)
+               "train images/s incl. R1", "peak GiB", "loader images/s per worker", "workers needed", "workers configured",
+               "bound by", "note"]
+    notes = [f"{args.warmup} warm-up + {args.steps} timed steps; loader: {args.loader_batches} batches after the "
+             "first, decode + augment (conf/data/pairs.yaml) in one process"]
+    report = Report("train", args.out, device, {THROUGHPUT: columns}, notes)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        for preset, batch_size, precision in itertools.product(args.presets, batch_sizes, precisions):
+            overrides = [f"data.batch_size={batch_size}", f"trainer={'gpu' if gpu else 'cpu'}",
+                         f"trainer.precision={precision}", f"data.shuffle_buffer={batch_size}"]
+            if args.adversarial_weight is not None:
+                overrides.append(f"distill.adversarial_weight={args.adversarial_weight}")
+            cfg = train_config(preset, Path(tmp) / preset, overrides)
+            row = {"preset": preset, "res": cfg.distill.generator.resolution, "precision": precision,
+                   "batch": batch_size, "adversarial": cfg.distill.adversarial_weight > 0}
+            shard_dir = Path(tmp) / preset / f"shards-{batch_size}"
+            if not shard_dir.exists():
+                shard_dir.mkdir(parents=True)
+                write_pair_shards(shard_dir, (args.loader_batches + 1) * batch_size, cfg.distill.generator.resolution)
+            per_worker = loader_images_per_second(cfg, sorted(str(p) for p in shard_dir.glob("*.tar")), args.loader_batches)
+            try:
+                with peak_memory(device) as memory:
+                    step = train_images_per_second(cfg, args.warmup, args.steps)
+            except torch.OutOfMemoryError:  # a batch too large for this device: say so, go on to the next setting
+                torch.cuda.empty_cache()
+                report.add(THROUGHPUT, {**row, "loader images/s per worker": per_worker, "note": "out of memory"})
+                continue
+            needed = step["train images/s"] / per_worker
+            report.add(THROUGHPUT, {**row, **step, "peak GiB": memory["peak_gib"],
+                                    "loader images/s per worker": per_worker, "workers needed": needed,
+                                    "workers configured": cfg.data.num_workers,
+                                    "bound by": "data" if needed > cfg.data.num_workers else "compute"})
+    return report.finish()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from bench import generate, latency, train
 from bench.measure import count_flops, peak_memory
+from bench.report import Report
 
 
 @pytest.fixture(autouse=True)
@@ -71,3 +72,17 @@ def test_train_smoke_compares_step_and_loader_throughput(tmp_path):
     assert row["train images/s"] == pytest.approx(4 / row["median step s"])
     assert row["workers needed"] == pytest.approx(row["train images/s"] / row["loader images/s per worker"])
     assert row["bound by"] == ("data" if row["workers needed"] > row["workers configured"] else "compute")
+
+
+def test_report_keeps_each_finished_setting_before_the_run_ends(tmp_path, capsys):
+    path = tmp_path / "partial.json"
+    report = Report("partial", path, torch.device("cpu"), {"Times": ["setting", "ms"], "Kernels": ["kernel"]})
+    report.add("Times", {"setting": "a", "ms": 1.5})
+    written = json.loads(path.read_text())  # what a run killed here (a device call's time limit) leaves
+    assert written["partial"] and written["tables"]["Times"]["rows"] == [{"setting": "a", "ms": 1.5}]
+    assert capsys.readouterr().out.strip() == "| a | 1.5 |"
+    report.add("Times", {"setting": "b", "ms": 2.0})
+    report.finish()
+    final = json.loads(path.read_text())
+    assert not final["partial"] and [row["setting"] for row in final["tables"]["Times"]["rows"]] == ["a", "b"]
+    assert "Kernels" not in capsys.readouterr().out  # empty tables are not printed

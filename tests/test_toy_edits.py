@@ -63,20 +63,21 @@ def test_inversion_round_trip_reconstructs_rendered_scenes(toy):
 
 def test_cross_attention_guidance_keeps_the_object_where_it_was(toy):
     """Same seeds, same prompts, same direction: with guidance the segmenter finds the square where the
-    circle was (seg_iou) more than without. The effect is small in this world (mean seg_iou over 16 edits at
-    cross-attention guidance 0 / 0.15 / 0.5 / 1.5: 0.443 / 0.452 / 0.454 / 0.478, toyworld/README.md): without
-    guidance the edits already keep the layout, and the segmenter is noisy on the UNet's own images."""
+    circle was (seg_iou) more than without. Mean seg_iou over these 16 edits at cross-attention guidance
+    0 / 0.15 / 0.5 / 1.5 / 3 / 6: 0.561 / 0.561 / 0.564 / 0.578 / 0.597 / 0.592 (toyworld/README.md): without
+    guidance the edits already keep the layout, so the default strength (0.15, tuned for SD's latents) changes
+    nothing measurable here, and the effect shows at 3."""
     cfg, backbone, direction = toy
     source = SyntheticSource(cfg.task.source_bank)
-    samples = [source[i] for i in range(8)]
+    samples = [source[i] for i in range(16)]
     batch = EditBatch([s.seed for s in samples], [s.prompt for s in samples])
     scorer = build_scorer(cfg.model.scorers, cfg.task, "cpu")
     make = instantiate(cfg.editor, _partial_=True)
     iou = {}
-    for xa in (0.0, cfg.editor.xa_guidance_synthetic):
+    for xa in (0.0, 3.0):
         editor = make(backbone=backbone, direction=direction, resolution=cfg.model.resolution,
                       num_inference_steps=25, xa_guidance_synthetic=xa)
         result = editor.edit(batch)
         iou[xa] = torch.tensor([row["seg_iou"] for row in scorer(result.inputs, result.edited)]).nan_to_num(0.0)
-    unguided, guided = iou[0.0], iou[cfg.editor.xa_guidance_synthetic]
-    assert guided.mean() > unguided.mean() + 0.005, (guided, unguided)
+    unguided, guided = iou[0.0], iou[3.0]
+    assert guided.mean() > unguided.mean() + 0.015, (guided, unguided)

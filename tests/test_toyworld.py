@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from toyworld.data import TokenCache, segmentation_prompts
 from toyworld.render import render
 from toyworld.sentences import BANKS, SENTENCES
 from toyworld.models import WEIGHTS
-from toyworld.train import PHASES, STAGES, Stage, TrainConfig, record_stage, train_world
+from toyworld.train import PHASES, STAGES, Stage, TrainConfig, optimise, record_stage, train_world
 from toyworld.world import COLOURS, SHAPES, caption, captions, is_held_out, sample_scenes
 
 CPU = torch.device("cpu")
@@ -167,7 +169,7 @@ def test_clip_text_tower_is_the_unet_text_encoder(world):
 
 @needs_weights
 def test_vae_reconstructs(world):
-    assert evaluate.vae_psnr(world["vae"], 64, seed=1001, device=CPU)["vae_psnr_db"] >= 25
+    assert evaluate.vae_psnr(world["vae"], 64, seed=1001, device=CPU)["vae_psnr_db"] >= 30
 
 
 @needs_weights
@@ -182,7 +184,7 @@ def test_diffusion_draws_held_out_captions(world):
     pipeline.set_progress_bar_config(disable=True)
     assert pipeline.vae_scale_factor == 2
     figures, _, _ = evaluate.diffusion_accuracy(pipeline, world["clip"], world["tokens"], 16, seed=1002, steps=20)
-    assert figures["diffusion_match"] >= 0.15, figures   # chance: 1/24; the issue aims at 0.8 (toyworld/README.md)
+    assert figures["diffusion_match"] >= 0.25, figures   # here 0.44; chance 1/24; the issue aims at 0.8 (toyworld/README.md)
 
 
 @needs_weights
@@ -251,3 +253,20 @@ def test_clip_vision_run_again_keeps_the_earlier_run_in_its_entry(tmp_path):
     record_stage(tmp_path, "clip", {"finished": 4})       # a new CLIP: clip_vision starts over
     summary = record_stage(tmp_path, "clip_vision", {"finished": 5, "steps": 30})
     assert "continues" not in summary["stages"]["clip_vision"] and summary["stages"]["clip"]["finished"] == 4
+
+
+def test_sigterm_ends_a_stage_after_its_step_and_records_the_steps_taken():
+    """A device call's `timeout` or a cluster's pre-emption: the stage keeps what it trained (it is then evaluated
+    and saved), and summary.json says how many steps it took."""
+    weight = torch.nn.Parameter(torch.ones(2))
+    steps_seen, before = [], signal.getsignal(signal.SIGTERM)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        steps_seen.append(step)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return weight.pow(2).sum()
+
+    spent = optimise("test", [weight], Stage(100, 1, 0.1), 1.0, iter(range(1, 101)), loss_fn)
+    assert spent.steps == 3 and steps_seen == [1, 2, 3]
+    assert signal.getsignal(signal.SIGTERM) is before  # the stage's handler is gone once it ends

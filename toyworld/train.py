@@ -12,6 +12,7 @@ import argparse
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -47,9 +48,9 @@ class TrainConfig:
     steps_scale: float = 1.0   # < 1 for smoke runs; the committed world used 1.0
     clip: Stage = field(default_factory=lambda: Stage(1200, 512, 2e-3))
     clip_vision: Stage = field(default_factory=lambda: Stage(1500, 512, 1e-3))
-    vae: Stage = field(default_factory=lambda: Stage(800, 256, 1e-3))
+    vae: Stage = field(default_factory=lambda: Stage(3000, 256, 1e-3))
     vae_decoder: Stage = field(default_factory=lambda: Stage(400, 256, 1e-3))
-    unet: Stage = field(default_factory=lambda: Stage(3000, 512, 1e-3))
+    unet: Stage = field(default_factory=lambda: Stage(3500, 512, 1e-3))
     segmenter: Stage = field(default_factory=lambda: Stage(800, 256, 1e-3))
     captioner: Stage = field(default_factory=lambda: Stage(800, 256, 1e-3))
     caption_dropout: float = 0.1   # empty prompts, so classifier-free guidance works
@@ -59,7 +60,8 @@ class TrainConfig:
 
 
 def preset(name: str, **overrides) -> TrainConfig:
-    """"gpu": batches and steps for one H100 (~10 minutes at the rates in README.md). "cpu": for this 2-core
+    """"gpu": batches and steps for one H100, ~15 minutes: vae 3000 x 256 at 22 steps/s, unet 3500 x 512 at 7.1
+    steps/s (8.2 min), vae_decoder 400 x 256 at 26 steps/s (measured, BENCHMARKS.md). "cpu": for this 2-core
     CPU with `--side-by-side`, ~90 minutes: clip (10 min) | vae (16), then unet (3000 x 64 at 0.7 steps/s on
     one thread, 72 min) | clip_vision (24), segmenter (15), captioner (19)."""
     if name == "cpu":
@@ -79,24 +81,50 @@ class Progress:
             print(f"[{self.name}] step {step}/{self.steps} loss {loss.item():.4f} ({rate:.1f} steps/s)", flush=True)
 
 
-def optimise(name: str, params, stage: Stage, scale: float, data, loss_fn, ema: EMAModel | None = None) -> float:
-    """AdamW, 5% warm-up then cosine decay over `stage.steps * scale` steps; returns seconds spent."""
+@dataclass
+class Spent:
+    seconds: float
+    steps: int
+
+
+class StopOnTerm:
+    """SIGTERM (`timeout`, a cluster's pre-emption warning) ends a stage after its current step; the stage
+    then evaluates and saves what it has, and summary.json records the steps actually taken."""
+
+    def __enter__(self) -> StopOnTerm:
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self.request)
+        return self
+
+    def request(self, *_) -> None:
+        self.requested = True
+
+    def __exit__(self, *_) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def optimise(name: str, params, stage: Stage, scale: float, data, loss_fn, ema: EMAModel | None = None) -> Spent:
+    """AdamW, 5% warm-up then cosine decay over `stage.steps * scale` steps (fewer if SIGTERM comes)."""
     steps = max(1, round(stage.steps * scale))
     params = [p for p in params if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, stage.lr, total_steps=steps, pct_start=0.05)
     progress = Progress(name, steps)
-    for step in range(1, steps + 1):
-        loss = loss_fn(next(data))
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimiser.step()
-        schedule.step()
-        if ema is not None:
-            ema.step(params)
-        progress(step, loss)
-    return time.time() - progress.start
+    with StopOnTerm() as stop:
+        for step in range(1, steps + 1):
+            loss = loss_fn(next(data))
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimiser.step()
+            schedule.step()
+            if ema is not None:
+                ema.step(params)
+            progress(step, loss)
+            if stop.requested:
+                print(f"[{name}] SIGTERM: stopping after step {step}/{steps}", flush=True)
+                break
+    return Spent(time.time() - progress.start, step)
 
 
 def autocast(device: torch.device):
@@ -159,7 +187,7 @@ def train_clip(cfg: TrainConfig, device: torch.device, tokens: TokenCache) -> tu
     clip = models.clip_model().to(device).train()
     probes = shape_probes(clip)
     data = batches(cfg.clip.batch_size, cfg.seed + 1, device, partial_prob=0.5, twins=True)
-    seconds = optimise("clip", [*clip.parameters(), *probes.parameters()], cfg.clip, cfg.steps_scale, data,
+    spent = optimise("clip", [*clip.parameters(), *probes.parameters()], cfg.clip, cfg.steps_scale, data,
                        clip_loss(clip, probes, tokens, device))
     clip.eval()
     figures = evaluate.clip_zero_shot(clip, tokens, cfg.eval_size, cfg.seed + 101, device)
@@ -167,7 +195,7 @@ def train_clip(cfg: TrainConfig, device: torch.device, tokens: TokenCache) -> tu
     save_processor(models.clip_processor(), cfg.out / "clip")
     save(clip.text_model, cfg.out / "text_encoder")  # a CLIPTextModel: SD's text encoder class
     save_processor(models.text_tokenizer(), cfg.out / "tokenizer")
-    return clip, clip.text_model, figures, seconds
+    return clip, clip.text_model, figures, spent
 
 
 def train_clip_vision(cfg: TrainConfig, device: torch.device, tokens: TokenCache, clip: CLIPModel) -> tuple:
@@ -178,12 +206,12 @@ def train_clip_vision(cfg: TrainConfig, device: torch.device, tokens: TokenCache
     clip.text_model.requires_grad_(False)
     probes = shape_probes(clip)
     data = batches(cfg.clip_vision.batch_size, cfg.seed + 9, device, partial_prob=0.5, twins=True)
-    seconds = optimise("clip_vision", [*clip.parameters(), *probes.parameters()], cfg.clip_vision, cfg.steps_scale,
+    spent = optimise("clip_vision", [*clip.parameters(), *probes.parameters()], cfg.clip_vision, cfg.steps_scale,
                        data, clip_loss(clip, probes, tokens, device))
     clip.eval().requires_grad_(False)
     figures = evaluate.clip_zero_shot(clip, tokens, cfg.eval_size, cfg.seed + 106, device)
     save(clip, cfg.out / "clip")
-    return figures, seconds
+    return figures, spent
 
 
 def reconstruction_loss(vae: AutoencoderKL, device: torch.device, kl_weight: float):
@@ -200,7 +228,7 @@ def train_vae(cfg: TrainConfig, device: torch.device) -> tuple:
     vae = models.autoencoder().to(device).train()
     # kl_weight as SD's autoencoder: latents stay nearly deterministic, scaled afterwards.
     data = batches(cfg.vae.batch_size, cfg.seed + 2, device)
-    seconds = optimise("vae", vae.parameters(), cfg.vae, cfg.steps_scale, data, reconstruction_loss(vae, device, 1e-6))
+    spent = optimise("vae", vae.parameters(), cfg.vae, cfg.steps_scale, data, reconstruction_loss(vae, device, 1e-6))
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         latents = vae.encode(next(batches(1024, cfg.seed + 3, device)).images).latent_dist.sample()
@@ -209,7 +237,7 @@ def train_vae(cfg: TrainConfig, device: torch.device) -> tuple:
     figures = evaluate.vae_psnr(vae, cfg.eval_size, cfg.seed + 102, device)
     figures["vae_scaling_factor"] = vae.config.scaling_factor
     save(vae, cfg.out / "vae")
-    return vae, figures, seconds
+    return vae, figures, spent
 
 
 def train_vae_decoder(cfg: TrainConfig, device: torch.device, tokens: TokenCache, vae: AutoencoderKL, clip) -> tuple:
@@ -220,13 +248,13 @@ def train_vae_decoder(cfg: TrainConfig, device: torch.device, tokens: TokenCache
     for part in (vae.decoder, vae.post_quant_conv):
         part.requires_grad_(True)
     data = batches(cfg.vae_decoder.batch_size, cfg.seed + 10, device)
-    seconds = optimise("vae_decoder", vae.parameters(), cfg.vae_decoder, cfg.steps_scale, data,
+    spent = optimise("vae_decoder", vae.parameters(), cfg.vae_decoder, cfg.steps_scale, data,
                        reconstruction_loss(vae, device, 0.0))
     vae.eval().requires_grad_(False)
     figures = {**evaluate.vae_psnr(vae, cfg.eval_size, cfg.seed + 102, device),
                **evaluate.vae_colour_acc(vae, clip, tokens, cfg.eval_size, cfg.seed + 107, device)}
     save(vae, cfg.out / "vae")
-    return figures, seconds
+    return figures, spent
 
 
 def train_unet(cfg: TrainConfig, device: torch.device, tokens: TokenCache, vae, text_encoder, clip) -> tuple:
@@ -255,7 +283,7 @@ def train_unet(cfg: TrainConfig, device: torch.device, tokens: TokenCache, vae, 
         return (weight * (prediction.float() - noise).pow(2)).mean()
 
     data = batches(cfg.unet.batch_size, cfg.seed + 5, device, partial_prob=0.3)
-    seconds = optimise("unet", unet.parameters(), cfg.unet, cfg.steps_scale, data, loss_fn, ema=ema)
+    spent = optimise("unet", unet.parameters(), cfg.unet, cfg.steps_scale, data, loss_fn, ema=ema)
     ema.copy_to(unet.parameters())
     unet.eval().requires_grad_(False)
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=models.text_tokenizer(), unet=unet,
@@ -268,7 +296,7 @@ def train_unet(cfg: TrainConfig, device: torch.device, tokens: TokenCache, vae, 
     (cfg.out / "samples.txt").write_text("\n".join(prompts[:64]) + "\n")
     save(unet, cfg.out / "unet")
     scheduler.save_pretrained(cfg.out / "scheduler")
-    return figures, seconds
+    return figures, spent
 
 
 def train_segmenter(cfg: TrainConfig, device: torch.device, tokens: TokenCache) -> tuple:
@@ -282,12 +310,12 @@ def train_segmenter(cfg: TrainConfig, device: torch.device, tokens: TokenCache) 
         return F.binary_cross_entropy_with_logits(logits.float(), target)
 
     data = batches(cfg.segmenter.batch_size, cfg.seed + 7, device)
-    seconds = optimise("segmenter", segmenter.parameters(), cfg.segmenter, cfg.steps_scale, data, loss_fn)
+    spent = optimise("segmenter", segmenter.parameters(), cfg.segmenter, cfg.steps_scale, data, loss_fn)
     segmenter.eval()
     figures = evaluate.segmenter_iou(segmenter, tokens, cfg.eval_size, cfg.seed + 104, device)
     save(segmenter, cfg.out / "segmenter")
     save_processor(models.segmenter_processor(), cfg.out / "segmenter")
-    return figures, seconds
+    return figures, spent
 
 
 def train_captioner(cfg: TrainConfig, device: torch.device) -> tuple:
@@ -310,13 +338,13 @@ def train_captioner(cfg: TrainConfig, device: torch.device) -> tuple:
         return out.loss + F.binary_cross_entropy_with_logits(probe(out.image_embeds[:, 0].float()), shapes)
 
     data = batches(cfg.captioner.batch_size, cfg.seed + 8, device)
-    seconds = optimise("captioner", [*captioner.parameters(), *probe.parameters()], cfg.captioner, cfg.steps_scale,
+    spent = optimise("captioner", [*captioner.parameters(), *probe.parameters()], cfg.captioner, cfg.steps_scale,
                        data, loss_fn)
     captioner.eval()
     figures = evaluate.captioner_exact_match(captioner, processor, cfg.eval_size, cfg.seed + 105, device)
     save(captioner, cfg.out / "captioner")
     save_processor(processor, cfg.out / "captioner")
-    return figures, seconds
+    return figures, spent
 
 
 STAGES = ("clip", "clip_vision", "vae", "unet", "vae_decoder", "segmenter", "captioner")
@@ -382,29 +410,29 @@ def train_world(cfg: TrainConfig, stages: tuple[str, ...] = STAGES) -> dict:
     tokens = TokenCache(models.text_tokenizer())
     clip = text_encoder = vae = None
 
-    def done(name: str, figures: dict, seconds: float) -> None:
+    def done(name: str, figures: dict, spent: Spent) -> None:
         nonlocal summary
         print(f"{name}:", figures, flush=True)
         summary = record_stage(cfg.out, name, {
             "command": "python -m toyworld.train " + " ".join(sys.argv[1:]),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "seed": cfg.seed, "steps": round(getattr(cfg, name).steps * cfg.steps_scale),
+            "seed": cfg.seed, "steps": spent.steps,
             "batch_size": getattr(cfg, name).batch_size, "lr": getattr(cfg, name).lr,
-            "seconds": round(seconds, 1), "finished": time.time(), "figures": figures, "torch": torch.__version__,
+            "seconds": round(spent.seconds, 1), "finished": time.time(), "figures": figures, "torch": torch.__version__,
         })
 
     if "clip" in stages:
-        clip, text_encoder, figures, seconds = train_clip(cfg, device, tokens)
+        clip, text_encoder, figures, spent = train_clip(cfg, device, tokens)
         clip.eval().requires_grad_(False)
-        done("clip", figures, seconds)
+        done("clip", figures, spent)
     elif {"unet", "clip_vision", "vae_decoder"} & set(stages):
         clip = load_stage(CLIPModel, cfg.out / "clip", device)
         text_encoder = clip.text_model
     if "clip_vision" in stages:
         done("clip_vision", *train_clip_vision(cfg, device, tokens, clip))
     if "vae" in stages:
-        vae, figures, seconds = train_vae(cfg, device)
-        done("vae", figures, seconds)
+        vae, figures, spent = train_vae(cfg, device)
+        done("vae", figures, spent)
     elif {"unet", "vae_decoder"} & set(stages):
         vae = load_stage(AutoencoderKL, cfg.out / "vae", device)
     if "unet" in stages:
