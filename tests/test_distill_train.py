@@ -7,6 +7,7 @@ from pathlib import Path
 import lpips.pretrained_networks
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -14,8 +15,9 @@ from PIL import Image
 from test_distill_data import validation_stream, write_pair_shards
 
 from distill.data import shard_urls
-from distill.losses import MissingWeightsError, build_lpips
-from distill.module import NonFiniteLossError
+from distill.losses import (MissingWeightsError, build_lpips, discriminator_adversarial, generator_adversarial,
+                            r1_penalty)
+from distill.module import NonFiniteLossError, frozen
 from distill.training import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -132,3 +134,36 @@ def test_trainer_presets_build(preset, tmp_path, monkeypatch):
     trainer = instantiate(cfg.trainer, accelerator="cpu", devices=1, precision="32-true", logger=False)
     assert trainer.max_steps == 100_000
     assert type(trainer.strategy).__name__ == ("DDPStrategy" if preset == "ddp" else "SingleDeviceStrategy")
+
+
+def test_two_backward_passes_give_the_gradients_of_one(tmp_path):
+    """G's pass then D's (+ R1) leave exactly the gradients of one backward through the summed losses."""
+    cfg = run_config(tmp_path, tmp_path, "distill.r1_interval=4")
+    module = instantiate(cfg.distill)
+    module.manual_backward = lambda loss: loss.backward()   # Lightning's hook, without a trainer
+    hp = module.hparams
+    image, target = torch.rand(2, 2, 3, RESOLUTION, RESOLUTION).mul(2).sub(1)
+
+    def gradients(step) -> dict[str, torch.Tensor]:
+        module.zero_grad(set_to_none=True)
+        torch.manual_seed(0)   # G's z and dropout
+        step()
+        return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+    def two_passes():
+        output, _ = module.generator_phase(image, target)
+        module.discriminator_phase(image, target, output.detach())
+
+    def one_pass():
+        output = module.G(image)
+        with frozen(module.D):
+            g_adv = generator_adversarial(module.D(image, output))
+        d_adv = discriminator_adversarial(module.D(image, target), module.D(image, output.detach()))
+        total = (F.l1_loss(output, target) + hp.lpips_weight * module.lpips(output, target).mean()
+                 + hp.adversarial_weight * g_adv + d_adv + hp.r1_gamma / 2 * hp.r1_interval * r1_penalty(module.D, image, target))
+        total.backward()
+
+    phased, joint = gradients(two_passes), gradients(one_pass)
+    assert phased.keys() == joint.keys() and any(n.startswith("G.") for n in joint) and any(n.startswith("D.") for n in joint)
+    for name, grad in joint.items():
+        torch.testing.assert_close(phased[name], grad, rtol=1e-5, atol=1e-7, msg=name)
