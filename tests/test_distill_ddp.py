@@ -26,7 +26,8 @@ class RecordRank(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         # parameters only: buffers such as w_avg are rank-local between DDP's broadcasts at each forward
-        torch.save({name: p.detach() for name, p in pl_module.named_parameters()}, self.directory / f"weights-rank{trainer.global_rank}.pt")
+        parameters = {name: p.detach() for name, p in pl_module.named_parameters()}
+        torch.save(parameters, self.directory / f"weights-rank{trainer.global_rank}.pt")
 
 
 def test_ddp_two_cpu_processes_see_each_pair_once_per_epoch_and_stay_equal(tmp_path):

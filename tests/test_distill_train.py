@@ -160,10 +160,12 @@ def test_two_backward_passes_give_the_gradients_of_one(tmp_path):
             g_adv = generator_adversarial(module.D(image, output))
         d_adv = discriminator_adversarial(module.D(image, target), module.D(image, output.detach()))
         total = (F.l1_loss(output, target) + hp.lpips_weight * module.lpips(output, target).mean()
-                 + hp.adversarial_weight * g_adv + d_adv + hp.r1_gamma / 2 * hp.r1_interval * r1_penalty(module.D, image, target))
+                 + hp.adversarial_weight * g_adv + d_adv
+                 + hp.r1_gamma / 2 * hp.r1_interval * r1_penalty(module.D, image, target))
         total.backward()
 
     phased, joint = gradients(two_passes), gradients(one_pass)
-    assert phased.keys() == joint.keys() and any(n.startswith("G.") for n in joint) and any(n.startswith("D.") for n in joint)
+    assert phased.keys() == joint.keys()
+    assert any(n.startswith("G.") for n in joint) and any(n.startswith("D.") for n in joint)
     for name, grad in joint.items():
         torch.testing.assert_close(phased[name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -4,6 +4,10 @@ from __future__ import annotations
 import math
 import os
 import signal
+import subprocess
+import sys
+import threading
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,7 @@ from toyworld.data import TokenCache, segmentation_prompts
 from toyworld.render import render
 from toyworld.sentences import BANKS, SENTENCES
 from toyworld.models import WEIGHTS
-from toyworld.train import PHASES, STAGES, Stage, TrainConfig, optimise, record_stage, train_world
+from toyworld.train import PHASES, STAGES, Stage, TrainConfig, optimise, record_stage, train_side_by_side, train_world
 from toyworld.world import COLOURS, SHAPES, caption, captions, is_held_out, sample_scenes
 
 CPU = torch.device("cpu")
@@ -270,3 +274,43 @@ def test_sigterm_ends_a_stage_after_its_step_and_records_the_steps_taken():
     spent = optimise("test", [weight], Stage(100, 1, 0.1), 1.0, iter(range(1, 101)), loss_fn)
     assert spent.steps == 3 and steps_seen == [1, 2, 3]
     assert signal.getsignal(signal.SIGTERM) is before  # the stage's handler is gone once it ends
+
+
+STAGE_STANDIN = """
+import os, signal, sys
+def stop(*_):
+    open(sys.argv[1], "w").close()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+signal.alarm(120)   # if SIGTERM is never passed on, the stage fails the test instead of hanging it
+os.write(int(sys.argv[2]), b"ready\\n")
+while True:
+    signal.pause()
+"""
+
+
+def test_side_by_side_passes_sigterm_on_and_starts_no_later_phase(tmp_path, monkeypatch):
+    """`timeout` or pre-emption of `--side-by-side`: the running stages get the signal (and save), no new one starts."""
+    popen, started = subprocess.Popen, []
+    ready, ready_write = os.pipe()
+
+    def stage_process(command, env):
+        started.append(command[command.index("--stages") + 1:])
+        return popen([sys.executable, "-c", STAGE_STANDIN, str(tmp_path / f"stopped-{len(started)}"), str(ready_write)],
+                     env=env, pass_fds=(ready_write,))
+
+    def terminate_when_running() -> None:
+        with os.fdopen(ready, "rb", buffering=0) as pipe:
+            for _ in PHASES[0]:
+                pipe.readline()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(subprocess, "Popen", stage_process)
+    threading.Thread(target=terminate_when_running, daemon=True).start()
+    before = signal.getsignal(signal.SIGTERM)
+    args = Namespace(out=tmp_path, device="cpu", seed=0, preset="cpu", steps_scale=1.0)
+    summary = train_side_by_side(args, STAGES)
+    os.close(ready_write)
+    assert started == [list(group) for group in PHASES[0]]
+    assert sorted(p.name for p in tmp_path.glob("stopped-*")) == ["stopped-1", "stopped-2"]
+    assert summary == {"stages": {}} and signal.getsignal(signal.SIGTERM) is before

@@ -378,18 +378,44 @@ def record_stage(out: Path, name: str, entry: dict) -> dict:
 
 
 def train_side_by_side(args: argparse.Namespace, stages: tuple[str, ...]) -> dict:
-    """Run `stages` as PHASES in child processes of one thread each (the `--side-by-side` flag)."""
+    """Run `stages` as PHASES in child processes of one thread each (the `--side-by-side` flag).
+
+    SIGTERM is passed on to the running stages, which save what they trained (StopOnTerm); no later phase starts,
+    and `--stages` with the stages left out of summary.json goes on from there."""
     start_summary(args.out, stages)
     common = ["--out", str(args.out), "--device", args.device, "--seed", str(args.seed), "--preset", args.preset,
               "--steps-scale", str(args.steps_scale)]
-    for phase in PHASES:
-        groups = [[s for s in group if s in stages] for group in phase]
-        children = [subprocess.Popen([sys.executable, "-m", "toyworld.train", *common, "--stages", *group],
-                                     env={**os.environ, "OMP_NUM_THREADS": "1"}) for group in groups if group]
-        failed = [child.args for child in children if child.wait() != 0]
-        if failed:
-            raise SystemExit(f"toyworld.train: a stage process failed: {failed}")
-    return json.loads((args.out / "summary.json").read_text())
+    children: list[subprocess.Popen] = []
+    stopped = []
+
+    def forward(signum: int, _frame) -> None:
+        stopped.append(signum)
+        for child in children:
+            child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        for phase in PHASES:
+            children.clear()
+            for group in ([s for s in group if s in stages] for group in phase):
+                if group and not stopped:
+                    command = [sys.executable, "-m", "toyworld.train", *common, "--stages", *group]
+                    children.append(subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+                    if stopped:  # the signal came while the child was starting
+                        children[-1].send_signal(signal.SIGTERM)
+            codes = [child.wait() for child in children]
+            # a child stopped before its handler was installed dies of the signal: it had nothing to keep
+            fine = (0, -signal.SIGTERM) if stopped else (0,)
+            failed = [child.args for child, code in zip(children, codes) if code not in fine]
+            if failed:
+                raise SystemExit(f"toyworld.train: a stage process failed: {failed}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        print("toyworld.train: SIGTERM passed on; the stages that ran saved what they trained (summary.json), "
+              "no later stage started", flush=True)
+    summary_file = args.out / "summary.json"
+    return json.loads(summary_file.read_text()) if summary_file.exists() else {"stages": {}}
 
 
 def load_stage(cls, path: Path, device: torch.device):
