@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU figures of BENCHMARKS.md (and the toy world's GPU stages), in parts of under 10 minutes each, so that
+# one part fits one call of a lent machine; on your own GPU run them one after another.
+#
+#   bash bench/gpu.sh generate    # our editor vs the reference loop: fp16 + bf16 (--profile), then fp32
+#   bash bench/gpu.sh generator   # distilled generator: batch sweep, batch 1 in fp32/bf16; training throughput
+#   bash bench/gpu.sh toy         # toy world: UNet (3500 x 512) + decoder fine-tune, into $OUT/world
+#
+# Results go to $OUT (default bench/results), with a log per part. Every command runs under `timeout`: each
+# bench script keeps the rows it finished in its JSON, and a toy stage saves what it trained, when cut off.
+set -uo pipefail
+part=${1:?usage: bash bench/gpu.sh generate|generator|toy}
+out=${OUT:-bench/results}
+mkdir -p "$out"
+log="$out/gpu-$part.log"
+
+run() {  # run SECONDS ARGS...: python3 ARGS under a time limit, output shown and logged
+  local seconds=$1
+  shift
+  echo "\$ python3 $*" | tee -a "$log"
+  timeout -k 20 "$seconds" python3 "$@" 2>&1 | tee -a "$log"
+}
+
+case $part in
+  generate)
+    run 320 -m bench.generate --steps 20 --precisions fp16 bf16 --profile --out "$out/generate_h100_half.json"
+    run 200 -m bench.generate --steps 20 --precisions fp32 --batches 1 8 --out "$out/generate_h100_fp32.json"
+    ;;
+  generator)
+    run 220 -m bench.latency --presets comodgan_512 --precisions fp16 --batches 8 64 256 \
+      --modes eager torchscript compile-cudagraphs --out "$out/latency_h100_512_batch.json"
+    run 130 -m bench.latency --presets comodgan_512 --precisions fp32 bf16 --batches 1 \
+      --modes eager torchscript compile-cudagraphs --out "$out/latency_h100_512_b1_more.json"
+    run 180 -m bench.train --batch-size 16 32 64 --precisions bf16-mixed --out "$out/train_h100.json"
+    ;;
+  toy)
+    # the UNet loads the world's other models from --out: train a copy, bring $OUT/world back
+    rm -rf "$out/world" && cp -r toyworld/weights "$out/world"
+    run 540 -m toyworld.train --device cuda --out "$out/world" --stages unet vae_decoder
+    ;;
+  *)
+    echo "unknown part: $part (generate, generator or toy)" >&2
+    exit 2
+    ;;
+esac
