@@ -27,11 +27,12 @@ case $part in
     run 200 -m bench.generate --steps 20 --precisions fp32 --batches 1 8 --out "$out/generate_h100_fp32.json"
     ;;
   generator)
-    run 220 -m bench.latency --presets comodgan_512 --precisions fp16 --batches 8 64 256 \
+    run 200 -m bench.latency --presets comodgan_512 --precisions fp16 --batches 8 64 256 \
       --modes eager torchscript compile-cudagraphs --out "$out/latency_h100_512_batch.json"
-    run 130 -m bench.latency --presets comodgan_512 --precisions fp32 bf16 --batches 1 \
+    run 120 -m bench.latency --presets comodgan_512 --precisions fp32 bf16 --batches 1 \
       --modes eager torchscript compile-cudagraphs --out "$out/latency_h100_512_b1_more.json"
-    run 180 -m bench.train --batch-size 16 32 64 --precisions bf16-mixed --out "$out/train_h100.json"
+    run 210 -m bench.train --batch-size 64 16 --precisions bf16-mixed --channels-last false true --steps 10 \
+      --out "$out/train_h100.json"
     ;;
   toy)
     # the UNet loads the world's other models from --out: train a copy, bring $OUT/world back

@@ -115,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--loader-batches", type=int, default=8, help="timed loader batches")
     parser.add_argument("--adversarial-weight", type=float, help="default: the distill config's (0 = no discriminator)")
+    parser.add_argument("--channels-last", nargs="+", choices=["false", "true"], default=["false"],
+                        help="distill.channels_last setting(s) to time (NHWC G, D, LPIPS and batches)")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; --smoke: 1)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/train.json)")
     args = parser.parse_args(argv)
@@ -129,21 +131,24 @@ def main(argv: Sequence[str] | None = None) -> Path:
     precisions = args.precisions or (["bf16-mixed", "32-true"] if gpu else ["32-true"])
 
     device = torch.device("cuda" if gpu else "cpu")
-    columns = ["preset", "res", "precision", "batch", "adversarial", "median step s", "train images/s",
+    columns = ["preset", "res", "precision", "batch", "channels last", "adversarial", "median step s", "train images/s",
                "train images/s incl. R1", "peak GiB", "loader images/s per worker", "workers needed", "workers configured",
                "bound by", "note"]
     notes = [f"{args.warmup} warm-up + {args.steps} timed steps; loader: {args.loader_batches} batches after the "
              "first, decode + augment (conf/data/pairs.yaml) in one process"]
     report = Report("train", args.out, device, {THROUGHPUT: columns}, notes)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        for preset, batch_size, precision in itertools.product(args.presets, batch_sizes, precisions):
+        for preset, batch_size, precision, channels_last in itertools.product(args.presets, batch_sizes, precisions,
+                                                                              args.channels_last):
             overrides = [f"data.batch_size={batch_size}", f"trainer={'gpu' if gpu else 'cpu'}",
-                         f"trainer.precision={precision}", f"data.shuffle_buffer={batch_size}"]
+                         f"trainer.precision={precision}", f"data.shuffle_buffer={batch_size}",
+                         f"distill.channels_last={channels_last}"]
             if args.adversarial_weight is not None:
                 overrides.append(f"distill.adversarial_weight={args.adversarial_weight}")
             cfg = train_config(preset, Path(tmp) / preset, overrides)
             row = {"preset": preset, "res": cfg.distill.generator.resolution, "precision": precision,
-                   "batch": batch_size, "adversarial": cfg.distill.adversarial_weight > 0}
+                   "batch": batch_size, "channels last": cfg.distill.channels_last,
+                   "adversarial": cfg.distill.adversarial_weight > 0}
             shard_dir = Path(tmp) / preset / f"shards-{batch_size}"
             if not shard_dir.exists():
                 shard_dir.mkdir(parents=True)

@@ -67,13 +67,15 @@ class DistillModule(pl.LightningModule):
 
     `generator` and `discriminator` are configs (`_target_` + arguments), kept in the checkpoint so
     that an export can rebuild the network. `ema_half_life` is in images, as StyleGAN's ema_kimg.
+    `channels_last` keeps G, D, LPIPS and the batches in NHWC layout, the one tensor cores' convolutions use
+    (same results; whether it is faster is what `bench.train --channels-last false true` shows).
     """
 
     def __init__(self, generator: dict, discriminator: dict | None = None, l1_weight: float = 1.0,
                  lpips_weight: float = 1.0, adversarial_weight: float = 0.0, r1_gamma: float = 10.0,
                  r1_interval: int = 16, lr: float = 1e-3, betas: Sequence[float] = (0.0, 0.99), eps: float = 1e-8,
                  ema_half_life: float = 10_000.0, lpips_pretrained_vgg: bool = True, seed: int = 0,
-                 num_samples: int = 8):
+                 num_samples: int = 8, channels_last: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -84,6 +86,9 @@ class DistillModule(pl.LightningModule):
         self.register_state_dict_post_hook(_drop_lpips)
         self.register_load_state_dict_post_hook(_allow_missing_lpips)
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("l1", "lpips", "psnr")})
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
@@ -94,6 +99,10 @@ class DistillModule(pl.LightningModule):
             groups.append({"params": list(self.D.parameters()), "lr": hp.lr * ratio,
                            "betas": tuple(beta**ratio for beta in hp.betas)})
         return torch.optim.Adam(groups, eps=hp.eps)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        return {name: value.contiguous(memory_format=self.memory_format) if isinstance(value, Tensor) and value.ndim == 4
+                else value for name, value in batch.items()}
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         # z, dropout and noise drawn from (seed, step, rank): a resumed run draws what an unbroken one would

@@ -85,10 +85,12 @@ def test_small_generator_overfits_eight_pairs_and_logs(tmp_path):
     assert torch.stack(errors).mean().item() == pytest.approx(last, abs=1e-5)
 
 
-def test_resume_continues_exactly_and_a_nan_loss_stops_the_run(tmp_path):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_resume_continues_exactly_and_a_nan_loss_stops_the_run(tmp_path, channels_last):
     pairs = write_pair_shards(tmp_path / "gen", count=8, per_shard=3, resolution=RESOLUTION)
     # everything on: augmentation, LPIPS, adversarial loss with R1 every other step, dropout, EMA
-    common = ["data.batch_size=2", "distill.r1_interval=2", "distill.ema_half_life=8", "logger=[]"]
+    common = ["data.batch_size=2", "distill.r1_interval=2", "distill.ema_half_life=8", "logger=[]",
+              f"distill.channels_last={channels_last}"]
     train(run_config(pairs, tmp_path / "unbroken", *common, "trainer.max_steps=5"))
     train(run_config(pairs, tmp_path / "resumed", *common, "trainer.max_steps=3"))
     last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
@@ -169,3 +171,22 @@ def test_two_backward_passes_give_the_gradients_of_one(tmp_path):
     assert any(n.startswith("G.") for n in joint) and any(n.startswith("D.") for n in joint)
     for name, grad in joint.items():
         torch.testing.assert_close(phased[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_channels_last_gives_the_gradients_of_contiguous(tmp_path):
+    image, target = torch.rand(2, 2, 3, RESOLUTION, RESOLUTION).mul(2).sub(1)
+    gradients = {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)   # the same initial weights
+        module = instantiate(run_config(tmp_path, tmp_path, f"distill.channels_last={channels_last}").distill)
+        module.manual_backward = lambda loss: loss.backward()
+        batch = module.on_after_batch_transfer({"input": image, "target": target, "key": ["a", "b"]}, 0)
+        assert batch["input"].is_contiguous(memory_format=torch.channels_last) == channels_last
+        torch.manual_seed(1)   # G's z and dropout
+        output, _ = module.generator_phase(batch["input"], batch["target"])
+        module.discriminator_phase(batch["input"], batch["target"], output.detach())
+        gradients[channels_last] = {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+    assert module.G.encoder.blocks[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert gradients[True].keys() == gradients[False].keys()
+    for name, grad in gradients[False].items():
+        torch.testing.assert_close(gradients[True][name], grad, rtol=1e-4, atol=1e-6, msg=name)
