@@ -24,7 +24,8 @@ from toyworld.data import TokenCache, segmentation_prompts
 from toyworld.render import render
 from toyworld.sentences import BANKS, SENTENCES
 from toyworld.models import WEIGHTS
-from toyworld.train import PHASES, STAGES, Stage, TrainConfig, optimise, record_stage, train_side_by_side, train_world
+from toyworld.train import (PHASES, STAGES, Stage, TrainConfig, config, optimise, preset, record_stage, train_side_by_side,
+                            train_world)
 from toyworld.world import COLOURS, SHAPES, caption, captions, is_held_out, sample_scenes
 
 CPU = torch.device("cpu")
@@ -243,6 +244,16 @@ def test_training_one_stage_again_keeps_the_others(tmp_path):
     assert tuned.keys() == vae.keys()
 
 
+def test_a_stage_of_the_preset_can_be_overridden_from_the_command_line():
+    args = Namespace(out=Path("w"), device="cpu", seed=0, preset="cpu", steps_scale=1.0,
+                     stage=[["unet", "2700", "64", "1e-3"], ["clip", "10", "8", "0.5"]])
+    cfg, cpu = config(args), preset("cpu")
+    assert (cfg.unet, cfg.clip) == (Stage(2700, 64, 1e-3), Stage(10, 8, 0.5)) and cpu.unet != cfg.unet
+    assert (cfg.vae, cfg.eval_size) == (cpu.vae, cpu.eval_size)
+    with pytest.raises(SystemExit, match="unets: not a stage"):
+        config(Namespace(**{**vars(args), "stage": [["unets", "1", "1", "1"]]}))
+
+
 def test_side_by_side_phases_train_every_stage_once_after_its_inputs():
     phase_of = {stage: i for i, phase in enumerate(PHASES) for group in phase for stage in group}
     assert sorted(stage for phase in PHASES for group in phase for stage in group) == sorted(STAGES)
@@ -295,7 +306,7 @@ def test_side_by_side_passes_sigterm_on_and_starts_no_later_phase(tmp_path, monk
     ready, ready_write = os.pipe()
 
     def stage_process(command, env):
-        started.append(command[command.index("--stages") + 1:])
+        started.append(command)
         return popen([sys.executable, "-c", STAGE_STANDIN, str(tmp_path / f"stopped-{len(started)}"), str(ready_write)],
                      env=env, pass_fds=(ready_write,))
 
@@ -308,9 +319,10 @@ def test_side_by_side_passes_sigterm_on_and_starts_no_later_phase(tmp_path, monk
     monkeypatch.setattr(subprocess, "Popen", stage_process)
     threading.Thread(target=terminate_when_running, daemon=True).start()
     before = signal.getsignal(signal.SIGTERM)
-    args = Namespace(out=tmp_path, device="cpu", seed=0, preset="cpu", steps_scale=1.0)
+    args = Namespace(out=tmp_path, device="cpu", seed=0, preset="cpu", steps_scale=1.0, stage=[["unet", "9", "8", "0.1"]])
     summary = train_side_by_side(args, STAGES)
     os.close(ready_write)
-    assert started == [list(group) for group in PHASES[0]]
+    assert [command[command.index("--stages") + 1:] for command in started] == [list(group) for group in PHASES[0]]
+    assert all(command[command.index("--stage") + 1:][:4] == ["unet", "9", "8", "0.1"] for command in started)
     assert sorted(p.name for p in tmp_path.glob("stopped-*")) == ["stopped-1", "stopped-2"]
     assert summary == {"stages": {}} and signal.getsignal(signal.SIGTERM) is before

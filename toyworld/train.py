@@ -384,7 +384,7 @@ def train_side_by_side(args: argparse.Namespace, stages: tuple[str, ...]) -> dic
     and `--stages` with the stages left out of summary.json goes on from there."""
     start_summary(args.out, stages)
     common = ["--out", str(args.out), "--device", args.device, "--seed", str(args.seed), "--preset", args.preset,
-              "--steps-scale", str(args.steps_scale)]
+              "--steps-scale", str(args.steps_scale), *(word for override in args.stage for word in ["--stage", *override])]
     children: list[subprocess.Popen] = []
     stopped = []
 
@@ -472,6 +472,16 @@ def train_world(cfg: TrainConfig, stages: tuple[str, ...] = STAGES) -> dict:
     return summary
 
 
+def config(args: argparse.Namespace) -> TrainConfig:
+    """The preset, with the command line's `--stage NAME STEPS BATCH LR` overrides."""
+    stages = {}
+    for name, steps, batch_size, lr in args.stage:
+        if name not in STAGES:
+            raise SystemExit(f"--stage {name}: not a stage (one of {', '.join(STAGES)})")
+        stages[name] = Stage(int(steps), int(batch_size), float(lr))
+    return preset(args.preset, out=args.out, device=args.device, seed=args.seed, steps_scale=args.steps_scale, **stages)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=WEIGHTS)
@@ -479,17 +489,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default="gpu", choices=["gpu", "cpu"], help="step counts and batch sizes")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (smoke runs)")
+    parser.add_argument("--stage", nargs=4, action="append", default=[], metavar=("NAME", "STEPS", "BATCH", "LR"),
+                        help="override one stage of the preset, e.g. --stage unet 2700 64 1e-3 (repeatable)")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
                         help="retrain these only; the others are loaded from --out")
     parser.add_argument("--side-by-side", action="store_true",
                         help="two one-thread processes: clip | vae, then unet | clip_vision, vae_decoder, segmenter, captioner")
     args = parser.parse_args(argv)
     stages = tuple(s for s in STAGES if s in args.stages)
-    if args.side_by_side:
-        summary = train_side_by_side(args, stages)
-    else:
-        cfg = preset(args.preset, out=args.out, device=args.device, seed=args.seed, steps_scale=args.steps_scale)
-        summary = train_world(cfg, stages)
+    summary = train_side_by_side(args, stages) if args.side_by_side else train_world(config(args), stages)
     print(json.dumps({name: stage["figures"] for name, stage in summary["stages"].items()}, indent=2))
 
 
