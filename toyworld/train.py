@@ -384,7 +384,8 @@ def train_side_by_side(args: argparse.Namespace, stages: tuple[str, ...]) -> dic
     and `--stages` with the stages left out of summary.json goes on from there."""
     start_summary(args.out, stages)
     common = ["--out", str(args.out), "--device", args.device, "--seed", str(args.seed), "--preset", args.preset,
-              "--steps-scale", str(args.steps_scale), *(word for override in args.stage for word in ["--stage", *override])]
+              "--steps-scale", str(args.steps_scale)]
+    common += [word for override in args.stage for word in ("--stage", *override)]
     children: list[subprocess.Popen] = []
     stopped = []
 
@@ -497,7 +498,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="two one-thread processes: clip | vae, then unet | clip_vision, vae_decoder, segmenter, captioner")
     args = parser.parse_args(argv)
     stages = tuple(s for s in STAGES if s in args.stages)
-    summary = train_side_by_side(args, stages) if args.side_by_side else train_world(config(args), stages)
+    cfg = config(args)  # a wrong --stage stops here, before any stage process starts
+    summary = train_side_by_side(args, stages) if args.side_by_side else train_world(cfg, stages)
     print(json.dumps({name: stage["figures"] for name, stage in summary["stages"].items()}, indent=2))
 
 
