@@ -101,8 +101,8 @@ class DistillModule(pl.LightningModule):
         return torch.optim.Adam(groups, eps=hp.eps)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        return {name: value.contiguous(memory_format=self.memory_format) if isinstance(value, Tensor) and value.ndim == 4
-                else value for name, value in batch.items()}
+        return {name: value.contiguous(memory_format=self.memory_format)
+                if isinstance(value, Tensor) and value.ndim == 4 else value for name, value in batch.items()}
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         # z, dropout and noise drawn from (seed, step, rank): a resumed run draws what an unbroken one would
