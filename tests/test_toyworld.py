@@ -190,6 +190,11 @@ def test_diffusion_draws_held_out_captions(world):
     assert pipeline.vae_scale_factor == 2
     figures, _, _ = evaluate.diffusion_accuracy(pipeline, world["clip"], world["tokens"], 16, seed=1002, steps=20)
     assert figures["diffusion_match"] >= 0.25, figures   # here 0.44; chance 1/24; the issue aims at 0.8 (toyworld/README.md)
+    # From unrelated scenes noised to 0.8 of the schedule the UNet follows the held-out captions far better than from
+    # pure noise: it knows them; drawing a layout out of pure noise is its weak part.
+    from_scenes, _, _ = evaluate.diffusion_accuracy(pipeline, world["clip"], world["tokens"], 16, seed=1002, steps=20,
+                                                    strength=evaluate.IMG2IMG_STRENGTH)
+    assert from_scenes["diffusion_match_img2img_0.8"] >= 0.5, from_scenes   # here 0.69
 
 
 @needs_weights

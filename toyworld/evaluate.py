@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline,
+                       UNet2DConditionModel)
 from transformers import (BlipForConditionalGeneration, BlipProcessor, CLIPModel, CLIPSegForImageSegmentation,
                           CLIPTextModel, CLIPTokenizer)
 
@@ -21,6 +22,8 @@ from toyworld.world import COLOURS, SHAPES, Scenes, captions, sample_scenes
 
 SHAPE_TEXTS = [f"a {shape}" for shape in SHAPES]
 COLOUR_TEXTS = [f"a {colour} shape" for colour in COLOURS]
+# img2img from unrelated scenes: 0.8 of the schedule (t = 781 of 1000) keeps only their coarse layout.
+IMG2IMG_STRENGTH = 0.8
 
 
 def _single_objects(n: int, seed: int, device: torch.device) -> tuple[Scenes, torch.Tensor]:
@@ -73,26 +76,39 @@ def vae_colour_acc(vae, clip, tokens: TokenCache, n: int, seed: int, device: tor
 
 
 def diffusion_samples(pipeline: StableDiffusionPipeline, prompts: list[str], seed: int, steps: int = 50,
-                      guidance: float = 5.0) -> torch.Tensor:
-    """DDIM samples in [-1, 1] for prompts, through diffusers' own Stable Diffusion pipeline."""
+                      guidance: float = 5.0, starts: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+    """DDIM samples in [-1, 1] for prompts, through diffusers' own pipelines: from pure noise, or with `starts`
+    (images in [-1, 1]) noised to `strength` of the schedule and denoised from there (img2img)."""
     generator = torch.Generator(pipeline.device).manual_seed(seed)
     size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    images = pipeline(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                      generator=generator, output_type="pt").images
+    common = dict(num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="pt")
+    if starts is None:
+        images = pipeline(prompts, height=size, width=size, **common).images
+    else:
+        img2img = StableDiffusionImg2ImgPipeline(**pipeline.components, requires_safety_checker=False)
+        img2img.set_progress_bar_config(disable=True)
+        images = img2img(prompts, image=(starts + 1) / 2, strength=strength, **common).images
     return images * 2 - 1
 
 
 @torch.no_grad()
 def diffusion_accuracy(pipeline: StableDiffusionPipeline, clip, tokens: TokenCache, n: int, seed: int,
-                       steps: int = 50, guidance: float = 5.0) -> tuple[dict[str, float], torch.Tensor, list[str]]:
+                       steps: int = 50, guidance: float = 5.0,
+                       strength: float | None = None) -> tuple[dict[str, float], torch.Tensor, list[str]]:
     """Samples for held-out captions (never trained on), judged by the toy CLIP: share with the caption's
-    shape, colour, and both. Returns the figures, the samples and their captions."""
+    shape, colour, and both. Returns the figures, the samples and their captions.
+
+    With `strength` the samples start from *unrelated* fresh scenes noised that far (img2img) instead of pure
+    noise: the figure then tells whether the UNet knows the captions, apart from whether it can draw a layout out
+    of pure noise (toyworld/README.md, "Diffusion match")."""
     scenes = sample_scenes(n, seed, two_object_prob=0.0, held_out="only")
     prompts = captions(scenes)
-    images = diffusion_samples(pipeline, prompts, seed, steps, guidance)
+    starts = None if strength is None else render(sample_scenes(n, seed + 1), pipeline.device)[0] * 2 - 1
+    images = diffusion_samples(pipeline, prompts, seed, steps, guidance, starts, strength or 1.0)
     shape, colour = (clip_judges_right(clip, tokens, images, scenes, attribute) for attribute in ("shape", "colour"))
-    figures = {"diffusion_shape_acc": float(shape.mean()), "diffusion_colour_acc": float(colour.mean()),
-               "diffusion_match": float((shape & colour).mean())}
+    suffix = "" if strength is None else f"_img2img_{strength}"
+    figures = {f"diffusion_shape_acc{suffix}": float(shape.mean()), f"diffusion_colour_acc{suffix}": float(colour.mean()),
+               f"diffusion_match{suffix}": float((shape & colour).mean())}
     return figures, images, prompts
 
 
@@ -139,6 +155,8 @@ def evaluate_world(weights: Path, n: int = 512, n_diffusion: int = 128, device: 
     figures = {**clip_zero_shot(clip, tokens, n, 2001, device), **vae_psnr(vae, n, 2002, device),
                **vae_colour_acc(vae, clip, tokens, n, 2006, device),
                **diffusion_accuracy(pipeline, clip, tokens, n_diffusion, 2003)[0],
+               **{name: value for name, value in diffusion_accuracy(pipeline, clip, tokens, n_diffusion, 2003,
+                                                                    strength=IMG2IMG_STRENGTH)[0].items() if "match" in name},
                **segmenter_iou(load(CLIPSegForImageSegmentation, "segmenter"), tokens, n, 2004, device),
                **captioner_exact_match(load(BlipForConditionalGeneration, "captioner"),
                                        BlipProcessor.from_pretrained(weights / "captioner"), n, 2005, device)}
