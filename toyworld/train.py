@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from torchvision.utils import save_image
 from transformers import CLIPModel
@@ -55,6 +55,8 @@ class TrainConfig:
     captioner: Stage = field(default_factory=lambda: Stage(800, 256, 1e-3))
     caption_dropout: float = 0.1   # empty prompts, so classifier-free guidance works
     min_snr_gamma: float = 5.0
+    noise_offset: float = 0.3   # `training_noise`: without it samples from pure noise match their caption half as often
+    continue_unet: bool = False   # start from the UNet in `out` (a fine-tune) instead of a fresh one
     eval_size: int = 512
     eval_diffusion_size: int = 128
 
@@ -257,8 +259,19 @@ def train_vae_decoder(cfg: TrainConfig, device: torch.device, tokens: TokenCache
     return figures, spent
 
 
+def training_noise(latents: torch.Tensor, offset: float) -> torch.Tensor:
+    """Gaussian noise like `latents` (N x C x H x W) plus `offset` times one N(0, 1) constant per image and channel.
+
+    At 16 x 16 an image's mean per channel (its background's tone and colour) is 16 times easier to read in x_T
+    than its pixels, and SD's schedule keeps 0.076 of the signal at t = 981: without the offset the UNet learns to
+    take the mean from x_T, and from pure noise at sampling it reads a random one (toyworld/README.md)."""
+    return torch.randn_like(latents) + offset * torch.randn(*latents.shape[:2], 1, 1, device=latents.device)
+
+
 def train_unet(cfg: TrainConfig, device: torch.device, tokens: TokenCache, vae, text_encoder, clip) -> tuple:
     unet = models.unet().to(device).train()
+    if cfg.continue_unet:   # the weights only: the saved config (and its path) is the code's own
+        unet.load_state_dict(load_stage(UNet2DConditionModel, cfg.out / "unet", device).state_dict())
     scheduler = models.scheduler()
     ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True)
     ema.to(device)
@@ -270,7 +283,7 @@ def train_unet(cfg: TrainConfig, device: torch.device, tokens: TokenCache, vae, 
         with torch.no_grad(), autocast(device):
             latents = vae.encode(batch.images).latent_dist.sample() * vae.config.scaling_factor
             context = text_encoder(tokens(prompts, device))[0]
-        noise = torch.randn_like(latents)
+        noise = training_noise(latents, cfg.noise_offset)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), device=device)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents.float() + (1 - a).sqrt() * noise
@@ -359,18 +372,18 @@ def start_summary(out: Path, stages: tuple[str, ...]) -> None:
         (out / "summary.json").unlink(missing_ok=True)
 
 
-def record_stage(out: Path, name: str, entry: dict) -> dict:
+def record_stage(out: Path, name: str, entry: dict, continued: bool = False) -> dict:
     """Add a stage's entry to out/summary.json under a lock (side-by-side stages finish in any order).
 
-    `clip_vision` starts from the saved CLIP: run again, it goes on training, and its entry keeps the
-    earlier run's under "continues"."""
+    A `continued` stage (the UNet with `--continue-unet`) keeps the earlier run's entry under "continues", and so
+    does `clip_vision` run again, as it starts from the saved CLIP and goes on training."""
     with open(out / "summary.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         summary_file = out / "summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
         record = summary.setdefault("stages", {})
         earlier, clip = record.get(name), record.get("clip", {})
-        if name == "clip_vision" and earlier and earlier.get("finished", 0) > clip.get("finished", 0):
+        if earlier and (continued or name == "clip_vision" and earlier.get("finished", 0) > clip.get("finished", 0)):
             entry["continues"] = earlier
         record[name] = entry
         summary_file.write_text(json.dumps(summary, indent=2) + "\n")
@@ -386,6 +399,8 @@ def train_side_by_side(args: argparse.Namespace, stages: tuple[str, ...]) -> dic
     common = ["--out", str(args.out), "--device", args.device, "--seed", str(args.seed), "--preset", args.preset,
               "--steps-scale", str(args.steps_scale)]
     common += [word for override in args.stage for word in ("--stage", *override)]
+    common += ["--continue-unet"] * args.continue_unet
+    common += [] if args.noise_offset is None else ["--noise-offset", str(args.noise_offset)]
     children: list[subprocess.Popen] = []
     stopped = []
 
@@ -446,7 +461,8 @@ def train_world(cfg: TrainConfig, stages: tuple[str, ...] = STAGES) -> dict:
             "seed": cfg.seed, "steps": spent.steps,
             "batch_size": getattr(cfg, name).batch_size, "lr": getattr(cfg, name).lr,
             "seconds": round(spent.seconds, 1), "finished": time.time(), "figures": figures, "torch": torch.__version__,
-        })
+            **({"noise_offset": cfg.noise_offset} if name == "unet" else {}),
+        }, continued=name == "unet" and cfg.continue_unet)
 
     if "clip" in stages:
         clip, text_encoder, figures, spent = train_clip(cfg, device, tokens)
@@ -480,7 +496,9 @@ def config(args: argparse.Namespace) -> TrainConfig:
         if name not in STAGES:
             raise SystemExit(f"--stage {name}: not a stage (one of {', '.join(STAGES)})")
         stages[name] = Stage(int(steps), int(batch_size), float(lr))
-    return preset(args.preset, out=args.out, device=args.device, seed=args.seed, steps_scale=args.steps_scale, **stages)
+    return preset(args.preset, out=args.out, device=args.device, seed=args.seed, steps_scale=args.steps_scale,
+                  continue_unet=args.continue_unet, **({} if args.noise_offset is None else {"noise_offset": args.noise_offset}),
+                  **stages)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -492,6 +510,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (smoke runs)")
     parser.add_argument("--stage", nargs=4, action="append", default=[], metavar=("NAME", "STEPS", "BATCH", "LR"),
                         help="override one stage of the preset, e.g. --stage unet 2700 64 1e-3 (repeatable)")
+    parser.add_argument("--noise-offset", type=float, default=None, help="the UNet's offset noise (default: the preset's)")
+    parser.add_argument("--continue-unet", action="store_true",
+                        help="fine-tune the UNet saved in --out instead of training one from scratch")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
                         help="retrain these only; the others are loaded from --out")
     parser.add_argument("--side-by-side", action="store_true",
