@@ -64,9 +64,9 @@ def test_inversion_round_trip_reconstructs_rendered_scenes(toy):
 def test_cross_attention_guidance_keeps_the_object_where_it_was(toy):
     """Same seeds, same prompts, same direction: with guidance the segmenter finds the square where the
     circle was (seg_iou) more than without. Mean seg_iou over these 16 edits at cross-attention guidance
-    0 / 0.15 / 0.5 / 1.5 / 3 / 6: 0.561 / 0.561 / 0.564 / 0.578 / 0.597 / 0.592 (toyworld/README.md): without
-    guidance the edits already keep the layout, so the default strength (0.15, tuned for SD's latents) changes
-    nothing measurable here, and the effect shows at 3."""
+    0 / 0.15 / 0.5 / 1.5 / 3 / 6: 0.657 / 0.664 / 0.684 / 0.718 / 0.725 / 0.720 (toyworld/README.md): without
+    guidance the edits already keep much of the layout, so the default strength (0.15, tuned for SD's latents)
+    changes nothing measurable here, and the effect shows from 0.5 up."""
     cfg, backbone, direction = toy
     source = SyntheticSource(cfg.task.source_bank)
     samples = [source[i] for i in range(16)]
@@ -80,4 +80,4 @@ def test_cross_attention_guidance_keeps_the_object_where_it_was(toy):
         result = editor.edit(batch)
         iou[xa] = torch.tensor([row["seg_iou"] for row in scorer(result.inputs, result.edited)]).nan_to_num(0.0)
     unguided, guided = iou[0.0], iou[3.0]
-    assert guided.mean() > unguided.mean() + 0.015, (guided, unguided)
+    assert guided.mean() > unguided.mean() + 0.03, (guided, unguided)
