@@ -4,7 +4,9 @@ run in lockstep over a batch, so step t's reference maps are used as soon as the
 The official code runs one image at a time, the whole reference pass first with every map of every step
 kept on the CPU, and materialises every self-attention matrix. Here each step is: reference forward
 (maps recorded), guidance forward + backward on the edit latents, guided forward; all batched, with
-fused attention everywhere but the cross-attention layers whose maps are read.
+fused attention everywhere but the cross-attention layers whose maps are read. For real inputs the
+caption is also the negative prompt, so the reference pass's two guidance halves are one forward twice:
+it runs once (5 single-sample UNet forwards per pair and step instead of the official 6).
 """
 from __future__ import annotations
 
@@ -90,7 +92,8 @@ class Pix2PixZero(Editor):
             latents = bb.encode_images(batch.images * 2 - 1)
             x_T = ddim_invert(bb, latents, cond, self.num_inversion_steps, self.regularizer, generators)
             kind, uncond, inversion_evals = "real", cond, self.num_inversion_steps
-        reference, edited, xa_loss, edit_evals = self.lockstep(x_T, uncond, cond, cond + self.direction, self.xa_guidance[kind])
+        reference, edited, xa_loss, edit_evals = self.lockstep(x_T, uncond, cond, cond + self.direction, self.xa_guidance[kind],
+                                                               negative_is_caption=kind == "real")
         inputs = batch.images.float() if batch.images is not None else bb.decode_latents(reference)
         finite = torch.isfinite(edited).flatten(1).all(1) & torch.isfinite(reference).flatten(1).all(1)
         if bb.device.type == "cuda":
@@ -106,9 +109,9 @@ class Pix2PixZero(Editor):
 
     @torch.no_grad()
     def lockstep(self, x_T: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor, cond_edit: torch.Tensor,
-                 xa_guidance: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+                 xa_guidance: float, negative_is_caption: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Reference (c) and edit (c + dc) trajectories from x_T. Returns both x_0, the mean L_xa and the
-        number of single-sample UNet forwards per pair."""
+        number of single-sample UNet forwards per pair. `negative_is_caption`: `uncond` is `cond`."""
         scheduler, unet = self.backbone.scheduler, self.backbone.unet
         scheduler.set_timesteps(self.num_inference_steps, device=x_T.device)
         ctx_ref, ctx_edit = torch.cat([uncond, cond]), torch.cat([uncond, cond_edit])
@@ -116,7 +119,12 @@ class Pix2PixZero(Editor):
         losses = []
         for t in scheduler.timesteps:
             with self.store.recording() as maps:
-                eps = self._eps(x_ref, x_ref, t, ctx_ref)
+                if negative_is_caption:  # guidance over two equal halves is the one forward itself
+                    eps = unet(x_ref.to(self.backbone.dtype), t, encoder_hidden_states=cond).sample.float()
+                else:
+                    eps = self._eps(x_ref, x_ref, t, ctx_ref)
+            if negative_is_caption:  # the guidance loss compares both edit halves with it: rows (half, sample, head)
+                maps.update({name: torch.cat([probs, probs]) for name, probs in maps.items()})
             x_ref = scheduler.step(eps, t, x_ref).prev_sample
             x_uncond = x_cond = x_edit
             if xa_guidance > 0:
@@ -133,5 +141,5 @@ class Pix2PixZero(Editor):
                 eps = self._eps(x_uncond, x_cond, t, ctx_edit)
             losses.append(torch.as_tensor(measure.loss, dtype=torch.float32).expand(x_T.shape[0]))  # 0 without attn2 layers
             x_edit = scheduler.step(eps, t, x_uncond).prev_sample
-        evals_per_step = 2 * (3 if xa_guidance > 0 else 2)
+        evals_per_step = (1 if negative_is_caption else 2) + 2 * (2 if xa_guidance > 0 else 1)
         return x_ref, x_edit, torch.stack(losses).mean(0), evals_per_step * self.num_inference_steps

@@ -53,12 +53,13 @@ def test_batch_equals_single_runs_and_is_reproducible(backbone, xa_update):
     editor = make_editor(backbone, direction, xa_update=xa_update, num_inference_steps=4, num_inversion_steps=4)
     seeds, prompts = [3, 4, 5], ["a cat", "a small cat", "a cat on a bed"]
     images = torch.rand(3, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0))
-    for real, atol in ((None, 1e-4), (images, 2e-2)):
+    # per edit step: reference, guidance, guided x 2 guidance halves; a real input's reference halves are one forward
+    for real, atol, unet_evals in ((None, 1e-4, 2 * 3 * 4), (images, 2e-2, 4 + (1 + 2 * 2) * 4)):
         together = editor.edit(EditBatch(seeds, prompts, real))
+        assert together.unet_evals == unet_evals
         for i in range(3):
             alone = editor.edit(EditBatch(seeds[i : i + 1], prompts[i : i + 1], None if real is None else real[i : i + 1]))
             torch.testing.assert_close(alone.edited[0], together.edited[i], atol=atol, rtol=0)
             torch.testing.assert_close(alone.inputs[0], together.inputs[i], atol=atol, rtol=0)
         again = editor.edit(EditBatch(seeds, prompts, real))
         assert torch.equal(again.edited, together.edited)  # same seed, same config: same bytes
-    assert together.unet_evals == 4 + 2 * 3 * 4  # inversion + (reference, guidance, guided) x 2 halves
