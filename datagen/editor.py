@@ -91,9 +91,8 @@ class Pix2PixZero(Editor):
             generators = [torch.Generator().manual_seed(seed) for seed in batch.seeds]
             latents = bb.encode_images(batch.images * 2 - 1)
             x_T = ddim_invert(bb, latents, cond, self.num_inversion_steps, self.regularizer, generators)
-            kind, uncond, inversion_evals = "real", cond, self.num_inversion_steps
-        reference, edited, xa_loss, edit_evals = self.lockstep(x_T, uncond, cond, cond + self.direction, self.xa_guidance[kind],
-                                                               negative_is_caption=kind == "real")
+            kind, uncond, inversion_evals = "real", None, self.num_inversion_steps
+        reference, edited, xa_loss, edit_evals = self.lockstep(x_T, uncond, cond, cond + self.direction, self.xa_guidance[kind])
         inputs = batch.images.float() if batch.images is not None else bb.decode_latents(reference)
         finite = torch.isfinite(edited).flatten(1).all(1) & torch.isfinite(reference).flatten(1).all(1)
         if bb.device.type == "cuda":
@@ -108,10 +107,11 @@ class Pix2PixZero(Editor):
         return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
 
     @torch.no_grad()
-    def lockstep(self, x_T: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor, cond_edit: torch.Tensor,
-                 xa_guidance: float, negative_is_caption: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def lockstep(self, x_T: torch.Tensor, uncond: torch.Tensor | None, cond: torch.Tensor, cond_edit: torch.Tensor,
+                 xa_guidance: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Reference (c) and edit (c + dc) trajectories from x_T. Returns both x_0, the mean L_xa and the
-        number of single-sample UNet forwards per pair. `negative_is_caption`: `uncond` is `cond`."""
+        number of single-sample UNet forwards per pair. `uncond` None: the caption `cond` is the negative prompt."""
+        negative_is_caption, uncond = uncond is None, cond if uncond is None else uncond
         scheduler, unet = self.backbone.scheduler, self.backbone.unet
         scheduler.set_timesteps(self.num_inference_steps, device=x_T.device)
         ctx_ref, ctx_edit = torch.cat([uncond, cond]), torch.cat([uncond, cond_edit])
