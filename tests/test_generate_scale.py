@@ -8,6 +8,8 @@ import multiprocessing
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from datagen import launch
 from datagen.editor import Pix2PixZero
 from datagen.shards import ShardWriter, finished_shards, read_jsonl
 from datagen.verify import verify_run
-from test_generate import generate_config
+from test_generate import REPO, TINY, generate_config
 
 NO_LAUNCHER: dict[str, str] = {}  # the test process's own environment must not decide worker ranks
 
@@ -72,6 +74,21 @@ def test_two_worker_processes_split_the_job_and_equal_one_worker(tmp_path, cache
     assert sorted(row["index"] for row in rows) == [0, 1, 2]  # each shard made once: disjoint
     assert sorted(key for row in rows for key in row["keys"]) == [f"{i:09d}" for i in range(5)]  # union = the job
     assert pairs(tmp_path / "run") == pairs(unbroken)  # sample for sample, byte for byte
+
+
+def test_a_submitit_array_of_two_equals_one_worker(tmp_path, cache_dir, unbroken):
+    """The cluster command as README gives it, through hydra-submitit-launcher's local executor (same pickling,
+    one process per array element as on SLURM): `-m worker.count=2 'worker.rank=range(2)'`."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    command = [sys.executable, "generate.py", "-m", "hydra/launcher=submitit_local", "worker.count=2", "worker.rank=range(2)",
+               *TINY, "num_pairs=5", "shard_size=2", "batch_size=2", f"out_dir={tmp_path / 'run'}",
+               f"cache_dir={cache_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = verify_run(tmp_path / "run")
+    assert report.ok and report.shards_ok == report.shards_total == 3
+    assert pairs(tmp_path / "run") == pairs(unbroken)
 
 
 def killed_on_second_write(cfg) -> None:
