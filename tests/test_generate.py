@@ -1,6 +1,7 @@
 """generate.py as a user meets it: the CLI writes shards any webdataset reader opens, with the run's config;
 mistakes are one readable line, before any model loads; sources and the worker split obey their rules."""
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -166,12 +167,31 @@ def test_worker_slots_one_per_gpu_numbered_across_processes():
     assert worker_slots(unset, 2, "cpu", {}, num_gpus=0) == [WorkerSlot(0, 2, "cpu"), WorkerSlot(1, 2, "cpu")]
 
 
-def test_slurm_launcher_preset_composes(tmp_path):
+def test_slurm_launcher_preset_makes_the_sbatch_script_it_documents(tmp_path, monkeypatch):
+    """Every key of conf/hydra/launcher/slurm.yaml is one submitit takes (it raises on others), and the sbatch
+    header asks for one 8-GPU task per node. A stand-in `srun` on PATH is all submitit needs to build it."""
+    submitit = pytest.importorskip("submitit")
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
     cfg = generate_config(tmp_path / "run", tmp_path / "cache", "hydra/launcher=slurm", hydra=True)
-    launcher = cfg.hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert (launcher.name, launcher.tasks_per_node, launcher.nodes) == ("pairforge-cat2dog", 1, 1)
-    assert all(key in launcher for key in ("timeout_min", "gpus_per_node", "array_parallelism", "submitit_folder"))
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    assert params.pop("_target_") == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    params["name"] = params["name"].replace("${task.name}", cfg.task.name)
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\n")
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    # as the plugin's launch(): max_num_timeout goes to the executor, queue keys other than the base ones get "slurm_"
+    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path / "submitit",
+                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
+    del params["submitit_folder"]
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{key if key in base else f"slurm_{key}": value for key, value in params.items()})
+    sbatch = executor._executor._make_submission_file_text("python generate.py", "uid")
+    for line in ("--gpus-per-node=8", "--ntasks-per-node=1", "--nodes=1", "--cpus-per-task=32", "--time=1440",
+                 "--job-name=pairforge-cat2dog", "--signal=USR2@120"):
+        assert f"#SBATCH {line}\n" in sbatch
 
 
 def test_a_configured_caption_wins_over_sidecars(tmp_path):
