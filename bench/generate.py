@@ -196,7 +196,8 @@ def add_ratios(rows: list[dict]) -> None:
             row["ref/ours"] = reference[row["precision"]] / row["s/pair"]
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+def arguments() -> argparse.ArgumentParser:
+    """The command line (bench/gpu.sh's commands are checked against it in the tests)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny components, 2 steps, batches 1 and 2, fp32")
     parser.add_argument("--device", default="auto")
@@ -212,6 +213,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--profile", action="store_true", help="also list the top kernels of a 1-step run (torch.profiler)")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; --smoke: 1)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/generate.json)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = arguments()
     args = parser.parse_args(argv)
     if args.smoke:
         args.device, args.size, args.steps, args.batches, args.precisions = "cpu", "tiny", 2, [1, 2], ["fp32"]

@@ -81,7 +81,8 @@ def bench_generator(generator: nn.Module, name: str, device: torch.device, dtype
                                           for kernel in top_kernels(lambda: runner(image), device, count=5)))
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+def arguments() -> argparse.ArgumentParser:
+    """The command line (bench/gpu.sh's commands are checked against it in the tests)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="small preset, batch 1 and 2, fp32, eager and TorchScript, CPU")
     parser.add_argument("--device", default="auto")
@@ -98,6 +99,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--iterations", type=int, help="timed calls per setting (default: 100 on a GPU, 10 on the CPU)")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; --smoke: 1)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/latency.json)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = arguments()
     args = parser.parse_args(argv)
     if args.smoke:
         args.device, args.presets, args.batches, args.precisions = "cpu", ["small"], [1, 2], ["fp32"]

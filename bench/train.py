@@ -105,7 +105,8 @@ def train_images_per_second(cfg: DictConfig, warmup: int, steps: int) -> dict[st
             "train images/s incl. R1": batch_size * len(timer.times) / sum(timer.times)}
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+def arguments() -> argparse.ArgumentParser:
+    """The command line (bench/gpu.sh's commands are checked against it in the tests)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="small preset, batch 4, 2 + 2 steps, CPU")
     parser.add_argument("--presets", nargs="+", default=["comodgan_256"], help="conf/generator and conf/discriminator presets")
@@ -119,6 +120,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
                         help="distill.channels_last setting(s) to time (NHWC G, D, LPIPS and batches)")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; --smoke: 1)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/train.json)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = arguments()
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available() and not args.smoke
     if args.smoke:

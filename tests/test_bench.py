@@ -1,5 +1,8 @@
 """The benchmarks' --smoke runs (in this process) and the measurements they rest on."""
+import importlib
 import json
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +11,8 @@ import torch.nn.functional as F
 from bench import generate, latency, train
 from bench.measure import count_flops, peak_memory
 from bench.report import Report
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -88,3 +93,25 @@ def test_report_keeps_each_finished_setting_before_the_run_ends(tmp_path, capsys
     final = json.loads(path.read_text())
     assert not final["partial"] and [row["setting"] for row in final["tables"]["Times"]["rows"]] == ["a", "b"]
     assert "Kernels" not in capsys.readouterr().out  # empty tables are not printed
+
+
+def gpu_commands() -> list[tuple[str, list[str]]]:
+    """(module, arguments) of every `run SECONDS -m MODULE ...` line of bench/gpu.sh, continuations joined."""
+    script = (REPO / "bench" / "gpu.sh").read_text().replace("\\\n", " ")
+    commands = []
+    for line in script.splitlines():
+        if line.strip().startswith("run "):
+            words = shlex.split(line.replace('"$out', '"/tmp/out'))
+            assert words[2] == "-m", line
+            commands.append((words[3], words[4:]))
+    return commands
+
+
+def test_every_gpu_sh_command_parses_and_names_presets_that_exist():
+    """A lent GPU comes rarely and for minutes: a typo in bench/gpu.sh must fail here, not there."""
+    commands = gpu_commands()
+    assert {module for module, _ in commands} == {"bench.generate", "bench.latency", "bench.train", "toyworld.train"}
+    for module, argv in commands:
+        args = importlib.import_module(module).arguments().parse_args(argv)  # argparse exits on a bad option
+        for preset in getattr(args, "presets", None) or []:
+            assert (REPO / "conf" / "generator" / f"{preset}.yaml").is_file(), (module, preset)

@@ -501,7 +501,8 @@ def config(args: argparse.Namespace) -> TrainConfig:
                   **stages)
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line (bench/gpu.sh's commands are checked against it in the tests)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -517,6 +518,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="retrain these only; the others are loaded from --out")
     parser.add_argument("--side-by-side", action="store_true",
                         help="two one-thread processes: clip | vae, then unet | clip_vision, vae_decoder, segmenter, captioner")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments()
     args = parser.parse_args(argv)
     stages = tuple(s for s in STAGES if s in args.stages)
     cfg = config(args)  # a wrong --stage stops here, before any stage process starts
