@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from bench.measure import count_flops, matmul_tflops, peak_memory, seconds, top_kernels
 from bench.reference import ReferenceEditor
-from bench.report import Report
+from bench.report import Report, script_arguments, set_threads
 from datagen.backbone import Backbone, tiny_backbone
 from datagen.runtime import resolve_device
 from datagen.editor import EditBatch, Pix2PixZero
@@ -198,8 +198,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 def arguments() -> argparse.ArgumentParser:
     """The command line (bench/gpu.sh's commands are checked against it in the tests)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny components, 2 steps, batches 1 and 2, fp32")
+    parser = script_arguments(__doc__, "generate", "tiny components, 2 steps, batches 1 and 2, fp32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--size", choices=[*SIZES, "tiny"], help="default: sd14 on a GPU, small on the CPU")
     parser.add_argument("--steps", type=int, help="inversion and edit steps (default: 50 on a GPU, 10 on the CPU)")
@@ -211,8 +210,6 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, help="untimed runs per setting (default: 1 on a GPU, 0 on the CPU)")
     parser.add_argument("--no-reference", action="store_true", help="time our editor only")
     parser.add_argument("--profile", action="store_true", help="also list the top kernels of a 1-step run (torch.profiler)")
-    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; --smoke: 1)")
-    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/generate.json)")
     return parser
 
 
@@ -221,9 +218,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.smoke:
         args.device, args.size, args.steps, args.batches, args.precisions = "cpu", "tiny", 2, [1, 2], ["fp32"]
-        args.threads = args.threads or 1  # tiny kernels gain nothing from more threads and lose much on a busy machine
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     size = args.size or ("sd14" if gpu else "small")

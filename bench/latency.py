@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from bench.measure import latency, top_kernels
-from bench.report import Report
+from bench.report import Report, script_arguments, set_threads
 from datagen.runtime import resolve_device
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -83,8 +83,7 @@ def bench_generator(generator: nn.Module, name: str, device: torch.device, dtype
 
 def arguments() -> argparse.ArgumentParser:
     """The command line (bench/gpu.sh's commands are checked against it in the tests)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="small preset, batch 1 and 2, fp32, eager and TorchScript, CPU")
+    parser = script_arguments(__doc__, "latency", "small preset, batch 1 and 2, fp32, eager and TorchScript, CPU")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--presets", nargs="+", default=["comodgan_256", "comodgan_512"], help="conf/generator presets")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -97,20 +96,15 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--profile", action="store_true", help="also list each setting's top 5 kernels (torch.profiler)")
     parser.add_argument("--warmup", type=int, help="untimed calls per setting (default: 20 on a GPU, 2 on the CPU)")
     parser.add_argument("--iterations", type=int, help="timed calls per setting (default: 100 on a GPU, 10 on the CPU)")
-    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; --smoke: 1)")
-    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/latency.json)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    parser = arguments()
-    args = parser.parse_args(argv)
+    args = arguments().parse_args(argv)
     if args.smoke:
         args.device, args.presets, args.batches, args.precisions = "cpu", ["small"], [1, 2], ["fp32"]
         args.modes, args.warmup, args.iterations = ["eager", "torchscript"], 1, 3
-        args.threads = args.threads or 1  # tiny kernels gain nothing from more threads and lose much on a busy machine
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     if gpu:

@@ -2,6 +2,7 @@
 machine, versions, date and the command that made them."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -14,6 +15,22 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def script_arguments(doc: str, name: str, smoke: str) -> argparse.ArgumentParser:
+    """A bench script's command line, begun with the options every script has: --smoke, --threads, --out."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help=smoke)
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; --smoke: 1)")
+    parser.add_argument("--out", type=Path, help=f"JSON path (default bench/results/{name}.json)")
+    return parser
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """--threads; a smoke run takes one: tiny kernels gain nothing from more threads and lose much on a busy machine."""
+    threads = args.threads or (1 if args.smoke else None)
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def environment(device: torch.device) -> dict[str, str]:

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from bench.measure import peak_memory, synchronize
-from bench.report import Report
+from bench.report import Report, script_arguments, set_threads
 from distill.data import PairStream
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -107,8 +107,7 @@ def train_images_per_second(cfg: DictConfig, warmup: int, steps: int) -> dict[st
 
 def arguments() -> argparse.ArgumentParser:
     """The command line (bench/gpu.sh's commands are checked against it in the tests)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="small preset, batch 4, 2 + 2 steps, CPU")
+    parser = script_arguments(__doc__, "train", "small preset, batch 4, 2 + 2 steps, CPU")
     parser.add_argument("--presets", nargs="+", default=["comodgan_256"], help="conf/generator and conf/discriminator presets")
     parser.add_argument("--batch-size", type=int, nargs="+", help="one or more (default: 64 on a GPU, the paper's; 16 on the CPU)")
     parser.add_argument("--precisions", nargs="+", help="Lightning precisions (default: bf16-mixed and 32-true on a GPU, 32-true on the CPU)")
@@ -118,21 +117,16 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--adversarial-weight", type=float, help="default: the distill config's (0 = no discriminator)")
     parser.add_argument("--channels-last", nargs="+", choices=["false", "true"], default=["false"],
                         help="distill.channels_last setting(s) to time (NHWC G, D, LPIPS and batches)")
-    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; --smoke: 1)")
-    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/train.json)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    parser = arguments()
-    args = parser.parse_args(argv)
+    args = arguments().parse_args(argv)
     gpu = torch.cuda.is_available() and not args.smoke
     if args.smoke:
         args.presets, args.batch_size, args.precisions = ["small"], [4], ["32-true"]
         args.warmup, args.steps, args.loader_batches = 1, 2, 2
-        args.threads = args.threads or 1  # tiny kernels gain nothing from more threads and lose much on a busy machine
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     batch_sizes = args.batch_size or [64 if gpu else 16]
     precisions = args.precisions or (["bf16-mixed", "32-true"] if gpu else ["32-true"])
 

@@ -522,8 +522,7 @@ def arguments() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = arguments()
-    args = parser.parse_args(argv)
+    args = arguments().parse_args(argv)
     stages = tuple(s for s in STAGES if s in args.stages)
     cfg = config(args)  # a wrong --stage stops here, before any stage process starts
     summary = train_side_by_side(args, stages) if args.side_by_side else train_world(cfg, stages)
