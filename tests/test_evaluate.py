@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from datagen.shards import ShardWriter, finished_shards
+from datagen.shards import finished_shards
 from distill.losses import build_lpips, psnr
 from evaluation.evaluator import EvaluationError
 from evaluation.job import run
@@ -16,8 +16,8 @@ from evaluation.metrics import ClipMargin, KeySelfSimilarity, background_lpips, 
 from evaluation.report import METRICS
 from filters.clip_gain import ClipEncoder
 from filters.loading import MissingModelError
+from run_fixtures import CONF, write_run
 
-CONF = Path(__file__).parents[1] / "conf"
 
 
 class MeanColourClip(ClipEncoder):
@@ -126,25 +126,6 @@ def test_l1_and_psnr_to_the_teacher_on_exact_cases():
     assert psnr(student, teacher)[1].item() == pytest.approx(20.0)  # 10 log10(2^2 / 0.2^2)
 
 
-def write_run(run_dir: Path, pairs_per_shard: int = 3, resolution: int = 32) -> list[str]:
-    """A finished tiny generation run: config.yaml (tiny scorers, cat2dog) and two shards of random pairs."""
-    run_dir.mkdir()
-    config = {"task": OmegaConf.load(CONF / "task" / "cat2dog.yaml"),
-              "model": {"name": "tiny", "resolution": resolution, "scorers": OmegaConf.load(CONF / "scorers" / "tiny.yaml")}}
-    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
-    generator = torch.Generator().manual_seed(0)
-    keys = []
-    for shard in range(2):
-        writer = ShardWriter(run_dir, shard)
-        for i in range(shard * pairs_per_shard, (shard + 1) * pairs_per_shard):
-            key = f"{i:09d}"
-            images = torch.rand(2, 3, resolution, resolution, generator=generator)
-            writer.write(key, images[0], images[1], {"key": key, "task": "cat2dog", "scores": {"seg_iou": 0.9, "clip_gain": 0.2}})
-            keys.append(key)
-        writer.close()
-    return keys
-
-
 def scripted_student(path: Path) -> Path:
     from hydra.utils import instantiate
 
@@ -161,7 +142,7 @@ def evaluate_config(tmp_path: Path, *overrides: str):
 
 
 def test_report_on_tiny_shards_has_one_row_per_metric_matching_the_json(tmp_path):
-    keys = write_run(tmp_path / "run")
+    keys = write_run(tmp_path / "run", [{"seg_iou": 0.9, "clip_gain": 0.2}], resolution=32)
     student = scripted_student(tmp_path / "generator.ts")  # 64 px: the 32 px inputs are resized up for it
     [report] = run(evaluate_config(tmp_path, f"student={student}", "batch_size=4", "cases=2"))
 
@@ -194,7 +175,7 @@ def test_report_on_tiny_shards_has_one_row_per_metric_matching_the_json(tmp_path
 
 
 def test_a_missing_student_or_metric_preset_is_one_clear_error(tmp_path):
-    write_run(tmp_path / "run")
+    write_run(tmp_path / "run", [{"seg_iou": 0.9, "clip_gain": 0.2}], resolution=32)
     with pytest.raises(EvaluationError, match=r"student .*no/such.ts not found"):
         run(evaluate_config(tmp_path, f"student={tmp_path / 'no/such.ts'}"))
     config = OmegaConf.load(tmp_path / "run" / "config.yaml")

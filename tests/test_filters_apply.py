@@ -4,15 +4,14 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
-from datagen.shards import ShardWriter, finished_shards
+from datagen.shards import finished_shards
 from filters.__main__ import main
 from filters.apply import filter_run, read_samples
 from filters.report import FilterCounts, count_filters, write_report
+from run_fixtures import write_run
 
-CONF = Path(__file__).parents[1] / "conf"
 NAN_REASON = "seg_iou: both masks empty: no 'cat' in the input, no 'dog' in the edited image"
 # cat2dog keeps seg_iou >= 0.70 and clip_gain >= 0.10.
 KNOWN_SCORES = [
@@ -25,26 +24,6 @@ KNOWN_SCORES = [
 ]
 
 
-def write_run(run_dir: Path, scores: list[dict] | None, per_shard: int = 3) -> list[str]:
-    """A generation run as datagen writes it: config, two finished shards, a third one still being written."""
-    run_dir.mkdir()
-    config = {"task": OmegaConf.load(CONF / "task" / "cat2dog.yaml"), "model": {"name": "tiny", "scorers": OmegaConf.load(CONF / "scorers" / "tiny.yaml")}}
-    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
-    generator = torch.Generator().manual_seed(0)
-    keys = []
-    for shard in range(3):
-        writer = ShardWriter(run_dir, shard)
-        for i in range(shard * per_shard, (shard + 1) * per_shard):
-            meta = {"key": f"{i:09d}", "task": "cat2dog", "source_word": "cat", "target_word": "dog", "seed": i}
-            if scores is not None:
-                meta["scores"] = scores[i % len(scores)]
-            writer.write(meta["key"], torch.rand(3, 16, 16, generator=generator), torch.rand(3, 16, 16, generator=generator), meta)
-            keys.append(meta["key"])
-        if shard < 2:
-            writer.close()
-    return keys
-
-
 def no_scorer():
     raise AssertionError("every pair already has scores: no scorer model should be loaded")
 
@@ -55,7 +34,7 @@ def filtered_samples(run_dir: Path) -> dict[str, dict]:
 
 def test_filtering_known_scores_keeps_exactly_the_passing_keys_and_reports_the_counts(tmp_path):
     run_dir = tmp_path / "run"
-    keys = write_run(run_dir, KNOWN_SCORES)
+    keys = write_run(run_dir, KNOWN_SCORES, in_progress=True)
     thresholds = {"seg_iou": 0.7, "clip_gain": 0.1, "clip_direction": None}
     verdicts = filter_run(run_dir, thresholds, no_scorer)
 
@@ -87,7 +66,7 @@ def test_filtering_known_scores_keeps_exactly_the_passing_keys_and_reports_the_c
 
 def test_cli_overrides_thresholds_and_writes_the_report(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    keys = write_run(run_dir, KNOWN_SCORES)
+    keys = write_run(run_dir, KNOWN_SCORES, in_progress=True)
     assert main([str(run_dir), "thresholds.seg_iou=0.4", "thresholds.clip_gain=null"]) == 0
 
     assert sorted(filtered_samples(run_dir)) == [keys[0], keys[1], keys[2], keys[5]]
@@ -99,7 +78,7 @@ def test_cli_overrides_thresholds_and_writes_the_report(tmp_path, capsys):
 
 def test_cli_scores_pairs_without_scores_with_the_runs_scorers_once(tmp_path):
     run_dir = tmp_path / "run"
-    keys = write_run(run_dir, scores=None, per_shard=2)
+    keys = write_run(run_dir, scores=None, per_shard=2, in_progress=True)
     assert main([str(run_dir), "thresholds.seg_iou=null", "thresholds.clip_gain=-1", "batch_size=3"]) == 0
 
     kept = filtered_samples(run_dir)
@@ -115,7 +94,7 @@ def test_cli_scores_pairs_without_scores_with_the_runs_scorers_once(tmp_path):
 
 def test_cli_reports_a_missing_scorer_model_in_one_line(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    write_run(run_dir, scores=None)
+    write_run(run_dir, scores=None, in_progress=True)
     config = OmegaConf.load(run_dir / "config.yaml")
     config.model.scorers.clip = {"_target_": "filters.clip_gain.TransformersClipEncoder.from_pretrained", "name_or_path": "/no/such/clip"}
     OmegaConf.save(config, run_dir / "config.yaml")
