@@ -26,7 +26,7 @@ deletes it and raises ``ParityError``. fp16 files are compared with the eager ge
 (tolerance 2e-2), on a GPU: torch's CPU half-precision convolutions are so slow that ``device=auto``
 without CUDA refuses ``dtype=float16`` (an explicit ``device=cpu`` waits for it).
 An ONNX copy (opset ``ONNX_OPSET``, dynamic batch) is checked the same way with onnxruntime when
-it is installed.
+it is installed, within ``ONNX_TOLERANCE`` (fp32: 1e-4): another runtime's kernels sum in another order.
 
 Checkpoints are read with ``torch.load(weights_only=True)``: only tensors and plain containers,
 never arbitrary pickled objects. The generator is rebuilt from the checkpoint's
@@ -67,6 +67,8 @@ EMA_PREFIX = "G_ema."
 METADATA_FILE = "pairforge.json"
 VALUE_RANGE = (-1.0, 1.0)
 PARITY_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2}
+# onnxruntime's convolutions are not torch's: the paper-size generators (256, 512 px) differ by 2.5e-5 in fp32
+ONNX_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2}
 ONNX_OPSET = 18
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -213,10 +215,11 @@ def max_abs_diff(a: Tensor, b: Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def check_parity(name: str, difference: float, dtype: torch.dtype, out: Path) -> None:
-    if not difference <= PARITY_TOLERANCE[dtype]:  # also catches NaN
+def check_parity(name: str, difference: float, dtype: torch.dtype, out: Path,
+                 tolerances: dict[torch.dtype, float] = PARITY_TOLERANCE) -> None:
+    if not difference <= tolerances[dtype]:  # also catches NaN
         raise ParityError(f"{name} differs from the eager generator by {difference:.3g} (max abs, "
-                          f"{str(dtype).removeprefix('torch.')}; allowed {PARITY_TOLERANCE[dtype]:g}): "
+                          f"{str(dtype).removeprefix('torch.')}; allowed {tolerances[dtype]:g}): "
                           f"{out} not written")
 
 
@@ -264,7 +267,7 @@ def save_onnx(generator: Generator, out: Path, dtype: torch.dtype, device: torch
             session = onnxruntime.InferenceSession(str(partial), providers=["CPUExecutionProvider"])
             (output,) = session.run(None, {"image": x.cpu().numpy()})
             difference = max_abs_diff(torch.from_numpy(output), generator(x).cpu())
-            check_parity("the ONNX file (onnxruntime, CPU)", difference, dtype, out)
+            check_parity("the ONNX file (onnxruntime, CPU)", difference, dtype, out, ONNX_TOLERANCE)
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
