@@ -43,11 +43,12 @@ def onnxruntime_session(generator: nn.Module) -> Callable[[torch.Tensor], torch.
     with torch's thread count."""
     import onnxruntime
 
-    path = Path(tempfile.mkdtemp()) / "generator.onnx"
-    save_onnx(generator, path, torch.float32, torch.device("cpu"))
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as folder:  # the session holds the model once made: the file can go
+        path = Path(folder) / "generator.onnx"
+        save_onnx(generator, path, torch.float32, torch.device("cpu"))
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda image: torch.from_numpy(session.run(None, {"image": image.contiguous().numpy()})[0])
 
 
