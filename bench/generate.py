@@ -34,6 +34,7 @@ PROMPT = "a photo of a cat sitting on a sofa"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REFERENCE_DTYPES = ("fp32", "fp16")  # the official code's default and its option
 PARITY, TIMES, KERNELS = "Same pair from both editors (batch 1)", "Seconds per pair", "Top kernels by self time (1-step run)"
+COMPILED = "Compiled UNet against eager (our editor, largest batch)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +104,11 @@ class Setup:
     resolution: int
     steps: int
 
-    def ours(self, steps: int | None = None) -> Pix2PixZero:
-        steps = steps or self.steps  # a new editor takes over the UNet's cross-attention processors
-        return Pix2PixZero(self.backbone, self.direction, self.resolution, steps, steps, regularizer=NoiseRegularizer())
+    def ours(self, steps: int | None = None, compile_backend: str | None = None) -> Pix2PixZero:
+        steps = steps or self.steps
+        compile = {"backend": compile_backend} if compile_backend else False
+        return Pix2PixZero(self.backbone, self.direction, self.resolution, steps, steps, regularizer=NoiseRegularizer(),
+                           compile=compile)
 
     def reference(self, steps: int | None = None) -> ReferenceEditor:
         steps = steps or self.steps
@@ -143,17 +146,19 @@ class PairFlops:
 
 
 def bench_precision(setup: Setup, dtype_name: str, batches: Sequence[int], repeats: int, warmup: int,
-                    with_reference: bool, report: Report, profile: bool) -> None:
+                    with_reference: bool, report: Report, profile: bool, compile_backend: str | None = None) -> None:
     """Adds to `report` the parity of both editors and the rows of the reference (batch 1) and of ours at each
-    batch in one precision; with `profile`, the top kernels of a 1-step run of each (ours at the largest batch)."""
+    batch in one precision; with `compile_backend`, ours with its UNet compiled at the largest batch (against the
+    eager editor's pair); with `profile`, the top kernels of a 1-step run of each (ours at the largest batch)."""
     device, steps = setup.backbone.device, setup.steps
     setup.backbone.to(device, DTYPES[dtype_name])
     peak_tflops = matmul_tflops(device, DTYPES[dtype_name])
 
-    def measure(name: str, batch: int, call: Callable[[], object], flops: PairFlops) -> dict:
+    def measure(name: str, batch: int, call: Callable[[], object], flops: PairFlops, unet: torch.nn.Module) -> dict:
         for _ in range(warmup):
             call()
-        with UNetSampleCounter(setup.backbone.unet) as counter, peak_memory(device) as memory:
+        # counted on the module the editor calls: a hook on a compiled UNet's inner module would recompile it
+        with UNetSampleCounter(unet) as counter, peak_memory(device) as memory:
             per_pair = sum(seconds(call, device) for _ in range(repeats)) / (repeats * batch)
         achieved = flops.at(steps) / per_pair / 1e12
         # at the paper's steps, assuming the same FLOP/s: the fixed part weighs less than at few steps
@@ -163,8 +168,8 @@ def bench_precision(setup: Setup, dtype_name: str, batches: Sequence[int], repea
                 "TFLOP/pair": flops.at(steps) / 1e12, "TFLOP/s": achieved, "% matmul peak": 100 * achieved / peak_tflops,
                 "h per 15k pairs @100/100": paper_seconds * PAPER_PAIRS / 3600}
 
+    ours = setup.ours()
     if with_reference:
-        ours = setup.ours()
         reference = setup.reference()
         reference_input, reference_edited = setup.run_reference(reference, ours, 0)
         result = ours.edit(setup.batch(0, 1))
@@ -173,14 +178,22 @@ def bench_precision(setup: Setup, dtype_name: str, batches: Sequence[int], repea
             parity["max abs input diff"] = (result.inputs.cpu() - reference_input.cpu()).abs().max().item()
         report.add(PARITY, parity)
         flops = PairFlops.count(lambda k: setup.run_reference(setup.reference(k), ours, 0))
-        report.add(TIMES, measure("reference", 1, lambda: setup.run_reference(reference, ours, 0), flops))
+        report.add(TIMES, measure("reference", 1, lambda: setup.run_reference(reference, ours, 0), flops, setup.backbone.unet))
         if profile:
             report.add(KERNELS, *({"setting": f"reference {dtype_name} b1", **kernel}
                                   for kernel in top_kernels(lambda: setup.run_reference(setup.reference(1), ours, 0), device)))
-    flops = PairFlops.count(lambda k: setup.run_ours(setup.ours(k), 0, 1))
-    ours = setup.ours()
+    flops = PairFlops.count(lambda k: setup.run_ours(setup.ours(k), 0, 1))  # a compiled UNet does the same arithmetic
     for batch in batches:
-        report.add(TIMES, measure("ours", batch, lambda: setup.run_ours(ours, 0, batch), flops))
+        report.add(TIMES, measure("ours", batch, lambda: setup.run_ours(ours, 0, batch), flops, setup.backbone.unet))
+    if compile_backend:  # at the largest batch only: each batch size is another set of graphs to compile
+        batch, compiled = max(batches), setup.ours(compile_backend=compile_backend)
+        torch._dynamo.reset()  # compiled afresh, from no earlier precision's graphs
+        eager_edited = setup.run_ours(ours, 0, batch)
+        first_seconds = seconds(lambda: setup.run_ours(compiled, 0, batch), device)  # compiles its graphs
+        report.add(COMPILED, {"precision": dtype_name, "batch": batch, "backend": compile_backend, "first run s": first_seconds,
+                              "max abs edited diff": (setup.run_ours(compiled, 0, batch) - eager_edited).abs().max().item()})
+        report.add(TIMES, measure("ours compiled", batch, lambda: setup.run_ours(compiled, 0, batch), flops,
+                                  compiled.backbone.unet))
     if profile:
         report.add(KERNELS, *({"setting": f"ours {dtype_name} b{max(batches)}", **kernel}
                               for kernel in top_kernels(lambda: setup.run_ours(setup.ours(1), 0, max(batches)), device)))
@@ -192,7 +205,7 @@ def add_ratios(rows: list[dict]) -> None:
     if "fp16" in reference:
         reference["bf16"] = reference["fp16"]
     for row in rows:
-        if row["editor"] == "ours" and row["precision"] in reference:
+        if row["editor"] != "reference" and row["precision"] in reference:
             row["ref/ours"] = reference[row["precision"]] / row["s/pair"]
 
 
@@ -210,6 +223,8 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, help="untimed runs per setting (default: 1 on a GPU, 0 on the CPU)")
     parser.add_argument("--no-reference", action="store_true", help="time our editor only")
     parser.add_argument("--profile", action="store_true", help="also list the top kernels of a 1-step run (torch.profiler)")
+    parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                        help="also time our editor with its UNet under torch.compile (default backend: inductor)")
     return parser
 
 
@@ -245,10 +260,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
              "scaled by FLOPs to 100 + 100 steps, x 15,000 pairs, on this device"]
     report = Report("generate", args.out, device, {
         PARITY: ["precision", "max abs input diff", "max abs edited diff"], TIMES: columns,
+        COMPILED: ["precision", "batch", "backend", "first run s", "max abs edited diff"],
         KERNELS: ["setting", "kernel", "calls", "ms", "share %"]}, notes)
     for name in precisions:
         with_reference = not args.no_reference and name in REFERENCE_DTYPES
-        bench_precision(setup, name, args.batches, args.repeats, warmup, with_reference, report, args.profile)
+        bench_precision(setup, name, args.batches, args.repeats, warmup, with_reference, report, args.profile, args.compile)
     add_ratios(report.rows(TIMES))
     return report.finish()
 

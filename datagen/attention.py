@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttentionProcessor, AttnProcessor2_0
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 
@@ -74,10 +74,12 @@ class CrossAttentionProcessor:
         return out / attn.rescale_output_factor
 
 
-def install_cross_attention(unet: UNet2DConditionModel) -> CrossAttentionStore:
-    """Swap in our processor on every `attn2` layer (SDPA elsewhere); return the store they share."""
+def cross_attention_processors(unet: UNet2DConditionModel) -> tuple[CrossAttentionStore, dict[str, AttentionProcessor]]:
+    """Our processor for every `attn2` layer (SDPA elsewhere), keyed as `unet.attn_processors`, and the store they
+    share. An editor installs its own with `unet.set_attn_processor(dict(processors))` at every edit, so editors
+    sharing one UNet (eager and compiled, the benchmark's reference) never run on each other's processors, and a
+    compiled UNet always meets the processor objects it was traced with."""
     store = CrossAttentionStore()
-    for name, module in unet.named_modules():
-        if isinstance(module, Attention):
-            module.set_processor(CrossAttentionProcessor(name, store) if name.endswith("attn2") else AttnProcessor2_0())
-    return store
+    processors = {key: CrossAttentionProcessor(key.removesuffix(".processor"), store) if key.endswith("attn2.processor")
+                  else AttnProcessor2_0() for key in unet.attn_processors}
+    return store, processors

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
-from datagen.attention import install_cross_attention
+from datagen.attention import cross_attention_processors
 from datagen.backbone import Backbone
 from datagen.inversion import NoiseRegularizer, ddim_invert
 
@@ -63,6 +65,7 @@ class Pix2PixZero(Editor):
         xa_guidance_synthetic: float = 0.15,
         xa_update: str = "official",
         regularizer: NoiseRegularizer | None = None,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
         if xa_update not in ("official", "shared"):
             raise ValueError(f"xa_update must be 'official' or 'shared', not {xa_update!r}")
@@ -71,7 +74,10 @@ class Pix2PixZero(Editor):
         self.num_inference_steps, self.num_inversion_steps = num_inference_steps, num_inversion_steps
         self.guidance_scale, self.xa_update, self.regularizer = guidance_scale, xa_update, regularizer
         self.xa_guidance = {"real": xa_guidance_real, "synthetic": xa_guidance_synthetic}
-        self.store = install_cross_attention(backbone.unet)
+        self.store, self.processors = cross_attention_processors(backbone.unet)
+        if compile:  # the editor's own compiled view of the UNet: the backbone's stays eager for its other users
+            options = {} if compile is True else dict(compile)
+            self.backbone = replace(backbone, unet=torch.compile(backbone.unet, **options))
         self.empty_prompt = backbone.encode_text([""])
 
     def initial_noise(self, seeds: list[int]) -> torch.Tensor:
@@ -83,6 +89,7 @@ class Pix2PixZero(Editor):
     def edit(self, batch: EditBatch) -> EditResult:
         start = time.perf_counter()
         bb, size = self.backbone, len(batch.seeds)
+        bb.unet.set_attn_processor(dict(self.processors))  # diffusers pops the entries it installs
         cond = bb.encode_text(batch.prompts)
         if batch.images is None:
             kind, uncond, x_T, inversion_evals = "synthetic", self.empty_prompt.expand(size, -1, -1), self.initial_noise(batch.seeds), 0

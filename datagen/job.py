@@ -124,7 +124,7 @@ class Worker:
         direction = edit_direction(backbone, cfg.task, cfg.cache_dir)
         # Partial first: instantiate would turn the Backbone dataclass into a config node.
         self.editor: Editor = instantiate(cfg.editor, _partial_=True)(
-            backbone=backbone, direction=direction, resolution=cfg.model.resolution)
+            backbone=backbone, direction=direction, resolution=cfg.model.resolution, compile=cfg.compile)
         # Scorers run in fp32 whatever the editor's precision: a CLIP gain of 0.10 rests on similarity gaps of ~0.01.
         self.scorer = build_scorer(cfg.model.scorers, cfg.task, backbone.device) if cfg.filters.enabled else None
         self.device = backbone.device

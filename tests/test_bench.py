@@ -22,8 +22,8 @@ def keep_torch_threads():
     torch.set_num_threads(threads)
 
 
-def run_smoke(script, tmp_path) -> dict:
-    path = script.main(["--smoke", "--out", str(tmp_path / "result.json")])
+def run_smoke(script, tmp_path, *options: str) -> dict:
+    path = script.main(["--smoke", "--out", str(tmp_path / "result.json"), *options])
     return json.loads(path.read_text())
 
 
@@ -46,13 +46,17 @@ def test_peak_memory_sees_a_temporary_allocation():
 
 
 def test_generate_smoke_gives_the_reference_pair_and_counts_the_same_unet_work(tmp_path):
-    result = run_smoke(generate, tmp_path)
+    """With the compiled editor timed beside the eager one (backend "eager": dynamo's graph capture with eager
+    kernels, so its pair is the eager editor's to the bit); its UNet work is counted without a hook in its graph."""
+    result = run_smoke(generate, tmp_path, "--compile", "eager")
     (parity,) = result["tables"]["Same pair from both editors (batch 1)"]["rows"]
     assert parity["max abs edited diff"] < 1e-3
+    (compiled,) = result["tables"]["Compiled UNet against eager (our editor, largest batch)"]["rows"]
+    assert (compiled["batch"], compiled["backend"], compiled["max abs edited diff"]) == (2, "eager", 0)
     rows = result["tables"]["Seconds per pair"]["rows"]
     reference = next(row for row in rows if row["editor"] == "reference")
-    ours = [row for row in rows if row["editor"] == "ours"]
-    assert [row["batch"] for row in ours] == [1, 2]
+    ours = [row for row in rows if row["editor"] != "reference"]
+    assert [(row["editor"], row["batch"]) for row in ours] == [("ours", 1), ("ours", 2), ("ours compiled", 2)]
     # 2 inversion steps (1 sample each) + 2 edit steps x (reference, guidance, guided) x 2 guidance halves, where
     # ours runs the reference forward once: a real input's caption is also its negative prompt
     assert reference["UNet evals/pair"] == 2 + 2 * 3 * 2

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from datagen.editor import EditBatch, Pix2PixZero
 from engine_fixtures import RESOLUTION, make_backbone, random_direction
@@ -63,3 +64,23 @@ def test_batch_equals_single_runs_and_is_reproducible(backbone, xa_update):
             torch.testing.assert_close(alone.inputs[0], together.inputs[i], atol=atol, rtol=0)
         again = editor.edit(EditBatch(seeds, prompts, real))
         assert torch.equal(again.edited, together.edited)  # same seed, same config: same bytes
+
+
+def test_compiled_editor_makes_the_same_pair(backbone):
+    """torch.compile captures the cross-attention processors' side effects (maps recorded in one forward, the
+    loss summed in another, a backward through it): the compiled editor's pair and L_xa are the eager one's.
+    aot_eager traces as inductor does (dynamo + AOT autograd) but runs eager kernels, so equality is exact;
+    inductor's own fused kernels take minutes to build on a CPU (BENCHMARKS.md has its figures)."""
+    direction = random_direction(backbone)
+    batch = EditBatch([3, 4], ["a cat", "a cat on a bed"], torch.rand(2, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0)))
+    eager = make_editor(backbone, direction, num_inference_steps=2, num_inversion_steps=2).edit(batch)
+    torch._dynamo.reset()
+    graphs = CompileCounterWithBackend("aot_eager")
+    compiled_editor = make_editor(backbone, direction, num_inference_steps=2, num_inversion_steps=2, compile={"backend": graphs})
+    compiled = compiled_editor.edit(batch)
+    # one graph per way the editor calls the UNet: inversion, recording, guidance (with grad), guided forward
+    assert graphs.frame_count == 4, graphs.frame_count
+    assert compiled_editor.backbone.unet is not backbone.unet and not isinstance(backbone.unet, torch._dynamo.eval_frame.OptimizedModule)
+    torch.testing.assert_close(compiled.edited, eager.edited, atol=1e-6, rtol=0)
+    torch.testing.assert_close(compiled.xa_loss, eager.xa_loss, atol=1e-6, rtol=0)
+    assert compiled.unet_evals == eager.unet_evals

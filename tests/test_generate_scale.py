@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from datagen import launch
@@ -126,6 +127,16 @@ def test_run_killed_mid_shard_resumes_to_the_unbroken_result(tmp_path, cache_dir
 def test_other_settings_on_an_existing_out_dir_are_refused(unbroken, cache_dir):
     with pytest.raises(launch.job.ConfigError, match=r"other settings \(editor, seed, source differ\)"):
         launch.run_workers(synthetic(unbroken, cache_dir, "seed=1", "editor.guidance_scale=3"), NO_LAUNCHER)
+
+
+def test_compile_is_a_runtime_setting_the_worker_applies(unbroken, cache_dir):
+    """Like `device`, `compile` changes float rounding, not what a pair is: an out_dir made eager resumes compiled.
+    (That a compiled editor makes the eager pair is tests/test_editor.py's.)"""
+    cfg = synthetic(unbroken, cache_dir, "compile={backend:eager}")
+    planned = launch.job.plan_job(cfg)
+    launch.job.claim_out_dir(planned, unbroken)  # not refused
+    worker = launch.job.Worker(planned, unbroken)
+    assert isinstance(worker.editor.backbone.unet, torch._dynamo.eval_frame.OptimizedModule)
 
 
 def test_verify_passes_a_whole_run_and_names_a_truncated_shard(tmp_path, cache_dir, unbroken, capsys):

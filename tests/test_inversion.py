@@ -50,6 +50,8 @@ class TimeOnlyUNet(torch.nn.Module):
     """A noise predictor that depends on t and the text but not on x_t: there DDIM inversion is exact.
     (Zeroing a real UNet's conv_in does not give this: GroupNorm of constant maps amplifies float noise.)"""
 
+    attn_processors: dict = {}  # no attention layers: nothing for an editor to install
+
     def __init__(self, unet):
         super().__init__()
         self.config, self.table = unet.config, torch.nn.Parameter(torch.randn(1000, 4, 1, 1), requires_grad=False)
