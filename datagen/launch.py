@@ -118,8 +118,10 @@ def run_workers(cfg: DictConfig, env: Mapping[str, str] | None = None) -> job.Su
     if len(slots) == 1:
         run_local(cfg, slots[0], 0, cpu_threads)
     else:
-        # CUDA cannot run in a forked child; CPU workers fork, which spares each a fresh import of torch and diffusers.
-        context = multiprocessing.get_context("spawn" if any(s.device.startswith("cuda") for s in slots) else "fork")
+        # Workers never fork this process: CUDA, or autograd's threads once anything here started them (torch.export
+        # does), break in a forked child. They fork from a fresh server that imported the job's modules once.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["datagen.job"])
         container = OmegaConf.to_container(cfg, resolve=True)
         processes = [context.Process(target=_child, args=(container, slot, g, cpu_threads), name=f"worker-{slot.rank}")
                      for g, slot in enumerate(slots)]

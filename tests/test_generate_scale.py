@@ -110,7 +110,7 @@ def killed_on_second_write(cfg) -> None:
 
 def test_run_killed_mid_shard_resumes_to_the_unbroken_result(tmp_path, cache_dir, unbroken):
     cfg = synthetic(tmp_path / "run", cache_dir)
-    worker = multiprocessing.get_context("fork").Process(target=killed_on_second_write, args=(cfg,))
+    worker = multiprocessing.get_context("forkserver").Process(target=killed_on_second_write, args=(cfg,))
     worker.start()
     worker.join()
     assert worker.exitcode == -signal.SIGKILL
