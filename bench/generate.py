@@ -2,12 +2,14 @@
 
     python -m bench.generate                    # SD-1.4-size random UNet on a GPU, a small one on the CPU
     python -m bench.generate --smoke            # tiny components, 2 steps: seconds on a CPU
+    python -m bench.generate --compile          # also ours with its UNet under torch.compile (largest batch)
 
 First both editors make the same pair from the same input (max abs difference printed): equal outputs are
 what make the time ratio fair. Then, per precision and batch: seconds per pair, UNet evaluations per pair
 (counted by a hook, one per sample through the UNet), peak memory, achieved TFLOP/s (torch.utils.flop_counter's
 formulas over 1- and 2-step runs, scaled to the run's steps) against the device's measured matmul throughput, the ratio
-reference / ours, and the hours 15,000 pairs would take at the paper's 100 inversion + 100 edit steps.
+reference / ours, and the hours 15,000 pairs would take at the paper's 100 inversion + 100 edit steps. The compiled
+editor (generate.py's `compile=true`) is checked against the eager one's pair and timed after its first, compiling run.
 """
 from __future__ import annotations
 
