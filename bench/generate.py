@@ -24,7 +24,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from bench.measure import count_flops, matmul_tflops, peak_memory, seconds, top_kernels
-from bench.reference import ReferenceEditor
+from bench.reference import AutogradRegularizer, ReferenceEditor
 from bench.report import Report, script_arguments, set_threads
 from datagen.backbone import Backbone, tiny_backbone
 from datagen.runtime import resolve_device
@@ -114,7 +114,7 @@ class Setup:
 
     def reference(self, steps: int | None = None) -> ReferenceEditor:
         steps = steps or self.steps
-        return ReferenceEditor(self.backbone, self.direction, steps, steps, regularizer=NoiseRegularizer())
+        return ReferenceEditor(self.backbone, self.direction, steps, steps, regularizer=AutogradRegularizer())
 
     def batch(self, first: int, size: int) -> EditBatch:
         images = None if self.images is None else self.images[first : first + size]

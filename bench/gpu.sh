@@ -2,7 +2,8 @@
 # The GPU figures of BENCHMARKS.md (and the toy world's GPU stages), in parts of under 10 minutes each, so that
 # one part fits one call of a lent machine; on your own GPU run them one after another.
 #
-#   bash bench/gpu.sh generate    # our editor vs the reference loop: fp16 + bf16 (--profile), then fp32
+#   bash bench/gpu.sh generate    # the inversion's noise regularizer; our editor vs the reference loop: fp16 + bf16
+#                                 # (--profile), then fp32
 #   bash bench/gpu.sh generator   # distilled generator: batch sweep, batch 1 in fp32/bf16; training throughput
 #   bash bench/gpu.sh compile     # our editor eager vs its UNet under torch.compile, bf16, batch 8
 #   bash bench/gpu.sh toy         # toy world: UNet (3500 x 512) + decoder fine-tune, into $OUT/world
@@ -24,6 +25,7 @@ run() {  # run SECONDS ARGS...: python3 ARGS under a time limit, output shown an
 
 case $part in
   generate)
+    run 40 -m bench.regularizer --batches 1 8 16 --out "$out/regularizer_h100.json"
     run 320 -m bench.generate --steps 20 --precisions fp16 bf16 --profile --out "$out/generate_h100_half.json"
     run 200 -m bench.generate --steps 20 --precisions fp32 --batches 1 8 --out "$out/generate_h100_fp32.json"
     ;;

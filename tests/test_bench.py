@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import generate, latency, train
+from bench import generate, latency, regularizer, train
 from bench.measure import count_flops, peak_memory
 from bench.report import Report
 
@@ -85,6 +85,16 @@ def test_train_smoke_compares_step_and_loader_throughput(tmp_path):
     assert row["bound by"] == ("data" if row["workers needed"] > row["workers configured"] else "compute")
 
 
+def test_regularizer_smoke_gives_autograds_noise_with_fewer_ops(tmp_path):
+    rows = run_smoke(regularizer, tmp_path)["tables"][regularizer.TABLE]["rows"]
+    assert [(row["regularizer"], row["batch"]) for row in rows] == [
+        ("autograd (reference)", 1), ("ours", 1), ("autograd (reference)", 2), ("ours", 2)]
+    for reference, ours in zip(rows[::2], rows[1::2]):
+        assert ours["max abs diff"] < 1e-5 and ours["syncs/call"] is None  # no sync count on a CPU
+        # written-out gradients: no autograd graph, backward ops or loss bookkeeping (measured 829 vs 1874 ops)
+        assert ours["ops/call"] < 0.5 * reference["ops/call"], (ours, reference)
+
+
 def test_report_keeps_each_finished_setting_before_the_run_ends(tmp_path, capsys):
     path = tmp_path / "partial.json"
     report = Report("partial", path, torch.device("cpu"), {"Times": ["setting", "ms"], "Kernels": ["kernel"]})
@@ -114,7 +124,8 @@ def gpu_commands() -> list[tuple[str, list[str]]]:
 def test_every_gpu_sh_command_parses_and_names_presets_that_exist():
     """A lent GPU comes rarely and for minutes: a typo in bench/gpu.sh must fail here, not there."""
     commands = gpu_commands()
-    assert {module for module, _ in commands} == {"bench.generate", "bench.latency", "bench.train", "toyworld.train"}
+    assert {module for module, _ in commands} == {"bench.generate", "bench.latency", "bench.regularizer", "bench.train",
+                                                  "toyworld.train"}
     for module, argv in commands:
         args = importlib.import_module(module).arguments().parse_args(argv)  # argparse exits on a bad option
         for preset in getattr(args, "presets", None) or []:

@@ -1,0 +1,103 @@
+"""Noise regularizer benchmark: the DDIM inversion's autocorrelation + KL steps, ours against autograd's.
+
+    python -m bench.regularizer            # SD latents (4 x 64 x 64, 512 px), batches 1 and 8
+    python -m bench.regularizer --smoke    # 4 x 16 x 16, batches 1 and 2: seconds on a CPU
+
+One call regularizes one inversion step's noise: 5 x (5 autocorrelation steps + 1 KL step) over a 4-level
+pyramid, no UNet. Ours (`datagen.inversion.NoiseRegularizer`) draws the offsets of the whole call at once,
+copies them to the device once without waiting, and steps on written-out gradients; the reference
+(`bench.reference.AutogradRegularizer`, as the official code) takes each gradient with autograd. On a GPU such
+small maps make the call launch-bound: the ops it dispatches, and the times it makes the host wait for the
+device, are what it costs, so both are counted (syncs with torch.cuda's sync debug mode, on a GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench.measure import latency
+from bench.reference import AutogradRegularizer
+from bench.report import Report, script_arguments, set_threads
+from datagen.inversion import NoiseRegularizer
+from datagen.runtime import resolve_device
+
+TABLE = "Noise regularizer, one inversion step"
+PAPER_STEPS = 100
+
+
+class OpCount(TorchDispatchMode):
+    """aten ops the block dispatches, views (no kernel) and the offsets' random draws (host-side in both) left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func._overloadpacket is not torch.ops.aten.randint:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Host-device synchronisations of one call (torch.cuda's sync debug mode warns at each); None on a CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(warning.message) for warning in caught)
+
+
+def arguments() -> argparse.ArgumentParser:
+    """The command line (bench/gpu.sh's commands are checked against it in the tests)."""
+    parser = script_arguments(__doc__, "regularizer", "4 x 16 x 16 maps, batches 1 and 2, 3 timed calls")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--size", type=int, default=64, help="latent width (64: SD at 512 px)")
+    parser.add_argument("--iterations", type=int, default=20, help="timed calls per setting (after 3 untimed)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = arguments().parse_args(argv)
+    if args.smoke:
+        args.device, args.batches, args.size, args.iterations = "cpu", [1, 2], 16, 3
+    set_threads(args)
+    device = resolve_device(args.device)
+    columns = ["regularizer", "batch", "ms/call", "ms/sample", "ops/call", "syncs/call", "max abs diff",
+               f"s/pair @{PAPER_STEPS} steps"]
+    report = Report("regularizer", args.out, device, {TABLE: columns}, [
+        f"noise B x 4 x {args.size} x {args.size} (fp32, spatially correlated), lambda_ac = lambda_kl = 20, 5 x (5 + 1) steps; "
+        "ms/call: median of CUDA-event or wall times; ops: aten ops dispatched (views and random draws left out); "
+        f"s/pair: ms/sample x {PAPER_STEPS} inversion steps"])
+    for batch in args.batches:
+        noise = torch.randn(batch, 4, args.size, args.size, generator=torch.Generator().manual_seed(batch))
+        noise = (noise + noise.roll(1, 2) + noise.roll(1, 3)).to(device)  # correlated, as a UNet's prediction is
+        expected = None
+        for name, regularizer in (("autograd (reference)", AutogradRegularizer()), ("ours", NoiseRegularizer())):
+            call = lambda: regularizer(noise, [torch.Generator().manual_seed(i) for i in range(batch)])  # noqa: E731
+            out = call()
+            expected = out if expected is None else expected
+            with OpCount() as ops:
+                call()
+            timing = latency(call, device, warmup=3, iterations=args.iterations)
+            report.add(TABLE, {"regularizer": name, "batch": batch, "ms/call": timing.median_ms,
+                               "ms/sample": timing.median_ms / batch, "ops/call": ops.count,
+                               "syncs/call": count_syncs(call, device),
+                               "max abs diff": (out - expected).abs().max().item(),
+                               f"s/pair @{PAPER_STEPS} steps": timing.median_ms / batch * PAPER_STEPS / 1e3})
+    return report.finish()
+
+
+if __name__ == "__main__":
+    main()
