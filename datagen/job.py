@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sized
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,6 +129,7 @@ class Worker:
         # Scorers run in fp32 whatever the editor's precision: a CLIP gain of 0.10 rests on similarity gaps of ~0.01.
         self.scorer = build_scorer(cfg.model.scorers, cfg.task, backbone.device) if cfg.filters.enabled else None
         self.device = backbone.device
+        self.png_encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="png")  # batch n's PNGs during batch n+1
         self._captioner = None
 
     def caption(self, images: torch.Tensor) -> list[str]:
@@ -136,7 +138,7 @@ class Worker:
         return self._captioner(images)
 
     def make_shard(self, shard: int, progress: tqdm) -> dict:
-        writer = ShardWriter(self.out_dir, shard)
+        writer = ShardWriter(self.out_dir, shard, self.png_encoder)
         indices = self.job.shard_indices(shard)
         unet_evals = 0
         for start in range(0, len(indices), self.cfg.batch_size):

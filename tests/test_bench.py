@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import generate, latency, regularizer, train
+from bench import generate, latency, regularizer, shards, train
 from bench.measure import count_flops, peak_memory
 from bench.report import Report
 
@@ -93,6 +93,12 @@ def test_regularizer_smoke_gives_autograds_noise_with_fewer_ops(tmp_path):
         assert ours["max abs diff"] < 1e-5 and ours["syncs/call"] is None  # no sync count on a CPU
         # written-out gradients: no autograd graph, backward ops or loss bookkeeping (measured 829 vs 1874 ops)
         assert ours["ops/call"] < 0.5 * reference["ops/call"], (ours, reference)
+
+
+def test_shards_smoke_writes_the_same_shard_inline_and_on_encoder_threads(tmp_path):
+    rows = run_smoke(shards, tmp_path)["tables"][shards.TABLE]["rows"]
+    assert [row["writer"] for row in rows] == ["inline", "2 encoder threads"]
+    assert all(row["same bytes"] for row in rows)
 
 
 def test_report_keeps_each_finished_setting_before_the_run_ends(tmp_path, capsys):

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,24 @@ def test_run_killed_mid_shard_resumes_to_the_unbroken_result(tmp_path, cache_dir
     assert sorted(row["index"] for row in rows) == [0, 1, 2]  # shard 0 was not redone
     assert not list((tmp_path / "run" / "shards").glob("*.tmp"))
     assert pairs(tmp_path / "run") == pairs(unbroken)
+
+
+def test_background_png_encoding_writes_the_same_shard_in_write_order(tmp_path):
+    """A 512 px noise image first, small ones after: its encoding finishes last, its sample still goes first, and
+    the shard is the inline writer's byte for byte (both threads busy, at most 2 samples waiting)."""
+    images = [torch.rand(3, 512, 512, generator=torch.Generator().manual_seed(0))]
+    images += [torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(1, 7)]
+    records = []
+    for encoder, folder in ((None, "inline"), (ThreadPoolExecutor(max_workers=2), "threads")):
+        writer = ShardWriter(tmp_path / folder, 0, encoder, max_pending=2)
+        for i, image in enumerate(images):
+            writer.write(f"{i:09d}", image, 1 - image, {"index": i})
+        records.append(writer.close())
+    inline, threaded = records
+    assert threaded.keys == inline.keys == [f"{i:09d}" for i in range(7)]
+    assert threaded.sha256 == inline.sha256
+    with tarfile.open(tmp_path / "threads" / "shards" / threaded.shard) as tar:
+        assert [member.name for member in tar][:3] == ["000000000.edited.png", "000000000.input.png", "000000000.json"]
 
 
 def test_other_settings_on_an_existing_out_dir_are_refused(unbroken, cache_dir):
