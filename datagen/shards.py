@@ -87,12 +87,13 @@ class ShardWriter:
             self.tar.write(encode_sample(key, input_image, edited_image, meta))
         else:
             self.pending.append(self.encoder.submit(encode_sample, key, input_image, edited_image, meta))
-            self._store_encoded(wait=len(self.pending) > self.max_pending)
+            self._store_encoded(keep=self.max_pending)
         self.keys.append(key)
 
-    def _store_encoded(self, wait: bool) -> None:
-        """Move encoded samples into the tar in write order: the finished ones at the front, or all if `wait`."""
-        while self.pending and (wait or self.pending[0].done()):
+    def _store_encoded(self, keep: int) -> None:
+        """Move encoded samples into the tar in write order: those done at the front, and (waiting for them)
+        more while over `keep` are pending."""
+        while self.pending and (len(self.pending) > keep or self.pending[0].done()):
             self.tar.write(self.pending.popleft().result())
 
     def reject(self, index: int, reason: str, detail: str = "") -> None:
@@ -100,7 +101,7 @@ class ShardWriter:
         self.rejects.append({"index": index, "reason": reason, "detail": detail})
 
     def close(self, unet_evals: int = 0, peak_gpu_memory_gb: float = 0.0) -> ShardRecord:
-        self._store_encoded(wait=True)
+        self._store_encoded(keep=0)
         self.tar.close()  # also closes the stream
         os.replace(self.tmp, self.path)
         record = ShardRecord(self.path.name, self.index, len(self.keys), self.keys, sha256_file(self.path), self.rejects,
