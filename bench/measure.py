@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -146,3 +147,32 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | None = N
     b = torch.randn(size, size, device=device, dtype=dtype)
     timing = latency(lambda: a @ b, device, warmup=2, iterations=repeats)
     return 2 * size**3 / (timing.median_ms * 1e-3) / 1e12
+
+
+class OpCount(TorchDispatchMode):
+    """aten ops the block dispatches, leaving out views (no kernel) and randint (the regularizer's offsets, drawn on
+    the host)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func._overloadpacket is not torch.ops.aten.randint:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Host-device synchronisations of one call (torch.cuda's sync debug mode warns at each); None on a CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(warning.message) for warning in caught)

@@ -13,14 +13,12 @@ device, are what it costs, so both are counted (syncs with torch.cuda's sync deb
 from __future__ import annotations
 
 import argparse
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.measure import latency
+from bench.measure import OpCount, count_syncs, latency
 from bench.reference import AutogradRegularizer
 from bench.report import Report, script_arguments, set_threads
 from datagen.inversion import NoiseRegularizer
@@ -28,34 +26,6 @@ from datagen.runtime import resolve_device
 
 TABLE = "Noise regularizer, one inversion step"
 PAPER_STEPS = 100
-
-
-class OpCount(TorchDispatchMode):
-    """aten ops the block dispatches, views (no kernel) and the offsets' random draws (host-side in both) left out."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func._overloadpacket is not torch.ops.aten.randint:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def count_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Host-device synchronisations of one call (torch.cuda's sync debug mode warns at each); None on a CPU."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(warning.message) for warning in caught)
 
 
 def arguments() -> argparse.ArgumentParser:

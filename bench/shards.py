@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from bench.report import Report, script_arguments, set_threads
+from bench.measure import seconds
+from bench.report import Report, script_arguments
 from datagen.shards import ShardWriter
 
 TABLE = "Writing pairs beside the editing"
@@ -39,8 +40,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = arguments().parse_args(argv)
     if args.smoke:
         args.resolution, args.batch_size, args.batches, args.edit_work = 64, 2, 3, 2
-    set_threads(args)
-    torch.set_num_threads(1)  # the editing stand-in holds one core, as a GPU worker's host loop does
+    torch.set_num_threads(args.threads or 1)  # the editing stand-in holds one core, as a GPU worker's host loop does
     generator = torch.Generator().manual_seed(0)
     low = torch.rand(args.batches, args.batch_size, 3, args.resolution // 16, args.resolution // 16, generator=generator)
     images = torch.nn.functional.interpolate(low.flatten(0, 1), size=args.resolution, mode="bicubic").clamp(0, 1)
@@ -68,10 +68,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "writer", "resolution", "batch", "edit s/batch", "s/batch", "writing s/batch", "ms/pair in writing", "same bytes"]},
         [f"{args.batches} batches; editing stand-in: {args.edit_work} 1024^2 fp32 matmuls on one torch thread; "
          "writing: time the loop spent in ShardWriter.write and close (what a GPU would idle for)"])
-    started = time.perf_counter()
-    for _ in range(args.batches):
-        edit()
-    edit_seconds = (time.perf_counter() - started) / args.batches
+    edit_seconds = seconds(edit, torch.device("cpu"))
     with tempfile.TemporaryDirectory() as folder:
         inline = run(None, Path(folder) / "inline")
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="png") as encoder:
