@@ -4,12 +4,14 @@
     python -m bench.generate --smoke            # tiny components, 2 steps: seconds on a CPU
     python -m bench.generate --compile          # also ours with its UNet under torch.compile (largest batch)
 
-First both editors make the same pair from the same input (max abs difference printed): equal outputs are
-what make the time ratio fair. Then, per precision and batch: seconds per pair, UNet evaluations per pair
-(counted by a hook, one per sample through the UNet), peak memory, achieved TFLOP/s (torch.utils.flop_counter's
-formulas over 1- and 2-step runs, scaled to the run's steps) against the device's measured matmul throughput, the ratio
-reference / ours, and the hours 15,000 pairs would take at the paper's 100 inversion + 100 edit steps. The compiled
-editor (generate.py's `compile=true`) is checked against the eager one's pair and timed after its first, compiling run.
+First both editors make the same pair from the same input (max abs difference printed): equal outputs are what make
+the time ratio fair. Then, per precision and batch: seconds per pair, UNet evaluations per pair (counted by a hook,
+one per sample through the UNet), on a GPU the host-device synchronisations per step (torch.cuda's sync debug mode:
+each is the host waiting for the GPU's queued work), peak memory, achieved TFLOP/s (torch.utils.flop_counter's
+formulas over 1- and 2-step runs, scaled to the run's steps) against the device's measured matmul throughput, the
+ratio reference / ours, and the hours 15,000 pairs would take at the paper's 100 inversion + 100 edit steps. The
+compiled editor (generate.py's `compile=true`) is checked against the eager one's pair and timed after its first,
+compiling run.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from bench.measure import count_flops, matmul_tflops, peak_memory, seconds, top_kernels
+from bench.measure import count_flops, count_syncs, matmul_tflops, peak_memory, seconds, top_kernels
 from bench.reference import AutogradRegularizer, ReferenceEditor
 from bench.report import Report, script_arguments, set_threads
 from datagen.backbone import Backbone, tiny_backbone
@@ -131,16 +133,17 @@ class Setup:
 
 
 @dataclasses.dataclass(frozen=True)
-class PairFlops:
-    """FLOPs of one pair: a fixed part (text encoder, VAE) plus one part per inversion + edit step."""
+class PerPair:
+    """A count over one pair (FLOPs, host-device synchronisations): a fixed part (text encoder, VAE, copies
+    out) plus one part per inversion + edit step."""
 
     fixed: int
     per_step: int
 
     @classmethod
-    def count(cls, run: Callable[[int], object]) -> "PairFlops":
-        """From the FLOPs of `run(steps)` at 1 and 2 steps."""
-        one, two = count_flops(lambda: run(1)), count_flops(lambda: run(2))
+    def count(cls, counter: Callable[[Callable[[], object]], int], run: Callable[[int], object]) -> "PerPair":
+        """From `counter`'s counts of `run(steps)` at 1 and 2 steps."""
+        one, two = counter(lambda: run(1)), counter(lambda: run(2))
         return cls(fixed=one - (two - one), per_step=two - one)
 
     def at(self, steps: int) -> int:
@@ -156,7 +159,16 @@ def bench_precision(setup: Setup, dtype_name: str, batches: Sequence[int], repea
     setup.backbone.to(device, DTYPES[dtype_name])
     peak_tflops = matmul_tflops(device, DTYPES[dtype_name])
 
-    def measure(name: str, batch: int, call: Callable[[], object], flops: PairFlops, unet: torch.nn.Module) -> dict:
+    def per_pair(run: Callable[[int], object]) -> tuple[PerPair, int | None]:
+        """FLOPs of a pair, and on a GPU the synchronisations per step (each one a GPU drained by a host read),
+        counted after the FLOP runs so that no first-call initialisation is among them."""
+        flops = PerPair.count(count_flops, run)
+        syncs = PerPair.count(lambda fn: count_syncs(fn, device), run).per_step if device.type == "cuda" else None
+        return flops, syncs
+
+    def measure(name: str, batch: int, call: Callable[[], object], counts: tuple[PerPair, int | None],
+                unet: torch.nn.Module) -> dict:
+        flops, syncs = counts
         for _ in range(warmup):
             call()
         # counted on the module the editor calls: a hook on a compiled UNet's inner module would recompile it
@@ -166,7 +178,7 @@ def bench_precision(setup: Setup, dtype_name: str, batches: Sequence[int], repea
         # at the paper's steps, assuming the same FLOP/s: the fixed part weighs less than at few steps
         paper_seconds = per_pair * flops.at(PAPER_STEPS) / flops.at(steps)
         return {"editor": name, "precision": dtype_name, "batch": batch, "s/pair": per_pair,
-                "UNet evals/pair": counter.count / (repeats * batch), "peak GiB": memory["peak_gib"],
+                "UNet evals/pair": counter.count / (repeats * batch), "syncs/step": syncs, "peak GiB": memory["peak_gib"],
                 "TFLOP/pair": flops.at(steps) / 1e12, "TFLOP/s": achieved, "% matmul peak": 100 * achieved / peak_tflops,
                 "h per 15k pairs @100/100": paper_seconds * PAPER_PAIRS / 3600}
 
@@ -179,14 +191,14 @@ def bench_precision(setup: Setup, dtype_name: str, batches: Sequence[int], repea
         if setup.images is None:  # real inputs are the image itself in both; synthetic ones are decoded
             parity["max abs input diff"] = (result.inputs.cpu() - reference_input.cpu()).abs().max().item()
         report.add(PARITY, parity)
-        flops = PairFlops.count(lambda k: setup.run_reference(setup.reference(k), ours, 0))
-        report.add(TIMES, measure("reference", 1, lambda: setup.run_reference(reference, ours, 0), flops, setup.backbone.unet))
+        counts = per_pair(lambda k: setup.run_reference(setup.reference(k), ours, 0))
+        report.add(TIMES, measure("reference", 1, lambda: setup.run_reference(reference, ours, 0), counts, setup.backbone.unet))
         if profile:
             report.add(KERNELS, *({"setting": f"reference {dtype_name} b1", **kernel}
                                   for kernel in top_kernels(lambda: setup.run_reference(setup.reference(1), ours, 0), device)))
-    flops = PairFlops.count(lambda k: setup.run_ours(setup.ours(k), 0, 1))  # a compiled UNet does the same arithmetic
+    counts = per_pair(lambda k: setup.run_ours(setup.ours(k), 0, 1))  # a compiled UNet does the same arithmetic
     for batch in batches:
-        report.add(TIMES, measure("ours", batch, lambda: setup.run_ours(ours, 0, batch), flops, setup.backbone.unet))
+        report.add(TIMES, measure("ours", batch, lambda: setup.run_ours(ours, 0, batch), counts, setup.backbone.unet))
     if compile_backend:  # at the largest batch only: each batch size is another set of graphs to compile
         batch, compiled = max(batches), setup.ours(compile_backend=compile_backend)
         torch._dynamo.reset()  # compiled afresh, from no earlier precision's graphs
@@ -194,7 +206,7 @@ def bench_precision(setup: Setup, dtype_name: str, batches: Sequence[int], repea
         first_seconds = seconds(lambda: compiled_edited.append(setup.run_ours(compiled, 0, batch)), device)  # compiles
         report.add(COMPILED, {"precision": dtype_name, "batch": batch, "backend": compile_backend, "first run s": first_seconds,
                               "max abs edited diff": (compiled_edited[0] - eager_edited).abs().max().item()})
-        report.add(TIMES, measure("ours compiled", batch, lambda: setup.run_ours(compiled, 0, batch), flops,
+        report.add(TIMES, measure("ours compiled", batch, lambda: setup.run_ours(compiled, 0, batch), counts,
                                   compiled.backbone.unet))
     if profile:
         report.add(KERNELS, *({"setting": f"ours {dtype_name} b{max(batches)}", **kernel}
@@ -253,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     images = torch.rand(max(args.batches), 3, resolution, resolution, generator=generator) if args.inputs == "real" else None
     setup = Setup(backbone, direction, images, resolution, steps)
 
-    columns = ["editor", "precision", "batch", "s/pair", "ref/ours", "UNet evals/pair", "peak GiB", "TFLOP/pair",
+    columns = ["editor", "precision", "batch", "s/pair", "ref/ours", "UNet evals/pair", "syncs/step", "peak GiB", "TFLOP/pair",
                "TFLOP/s", "% matmul peak", "h per 15k pairs @100/100"]
     notes = [f"{size} random-weight UNet ({sum(p.numel() for p in backbone.unet.parameters()) / 1e6:.1f} M parameters), "
              f"{resolution} px, {args.inputs} inputs, {steps} inversion + {steps} edit steps, guidance 5.0, "

@@ -73,6 +73,15 @@ class Backbone:
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
+def timesteps_for(scheduler: DDIMScheduler | DDIMInverseScheduler, num_steps: int,
+                  device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each of the `num_steps` timesteps twice: on the host for `scheduler.step`, which indexes its host tables
+    with it and compares it in Python, and on `device` for the UNet. With device timesteps (diffusers'
+    pipelines) every step reads them back, each read waiting for the GPU to finish the queued UNet work."""
+    scheduler.set_timesteps(num_steps)
+    return list(zip(scheduler.timesteps, scheduler.timesteps.to(device)))
+
+
 def _schedulers(scheduler: DDIMScheduler) -> tuple[DDIMScheduler, DDIMInverseScheduler]:
     scheduler = DDIMScheduler.from_config(scheduler.config)
     return scheduler, DDIMInverseScheduler.from_config(scheduler.config)

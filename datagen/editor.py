@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from datagen.attention import cross_attention_processors
-from datagen.backbone import Backbone
+from datagen.backbone import Backbone, timesteps_for
 from datagen.inversion import NoiseRegularizer, ddim_invert
 
 
@@ -120,16 +120,15 @@ class Pix2PixZero(Editor):
         number of single-sample UNet forwards per pair. `uncond` None: the caption `cond` is the negative prompt."""
         negative_is_caption, uncond = uncond is None, cond if uncond is None else uncond
         scheduler, unet = self.backbone.scheduler, self.backbone.unet
-        scheduler.set_timesteps(self.num_inference_steps, device=x_T.device)
         ctx_ref, ctx_edit = torch.cat([uncond, cond]), torch.cat([uncond, cond_edit])
         x_ref = x_edit = x_T.float()
         losses = []
-        for t in scheduler.timesteps:
+        for t, t_device in timesteps_for(scheduler, self.num_inference_steps, x_T.device):
             with self.store.recording() as maps:
                 if negative_is_caption:  # guidance over two equal halves is the one forward itself
-                    eps = unet(x_ref.to(self.backbone.dtype), t, encoder_hidden_states=cond).sample.float()
+                    eps = unet(x_ref.to(self.backbone.dtype), t_device, encoder_hidden_states=cond).sample.float()
                 else:
-                    eps = self._eps(x_ref, x_ref, t, ctx_ref)
+                    eps = self._eps(x_ref, x_ref, t_device, ctx_ref)
             if negative_is_caption:  # the guidance loss compares both edit halves with it: rows (half, sample, head)
                 maps.update({name: torch.cat([probs, probs]) for name, probs in maps.items()})
             x_ref = scheduler.step(eps, t, x_ref).prev_sample
@@ -137,7 +136,7 @@ class Pix2PixZero(Editor):
             if xa_guidance > 0:
                 x_in = torch.cat([x_edit, x_edit]).to(self.backbone.dtype).requires_grad_(True)
                 with torch.enable_grad(), self.store.guiding(maps) as guide:
-                    unet(x_in, t, encoder_hidden_states=ctx_edit)
+                    unet(x_in, t_device, encoder_hidden_states=ctx_edit)
                     (grad,) = torch.autograd.grad(guide.loss.sum(), x_in)
                 grad_uncond, grad_cond = grad.float().chunk(2)
                 if self.xa_update == "official":  # each half takes its own step; the unconditional half goes on
@@ -145,7 +144,7 @@ class Pix2PixZero(Editor):
                 else:  # the paper: one x_t feeds both halves, so it takes the sum of their gradients
                     x_uncond = x_cond = x_edit - xa_guidance * (grad_uncond + grad_cond)
             with self.store.guiding(maps) as measure:  # L_xa of the maps this step's edit actually used
-                eps = self._eps(x_uncond, x_cond, t, ctx_edit)
+                eps = self._eps(x_uncond, x_cond, t_device, ctx_edit)
             losses.append(torch.as_tensor(measure.loss, dtype=torch.float32).expand(x_T.shape[0]))  # 0 without attn2 layers
             x_edit = scheduler.step(eps, t, x_uncond).prev_sample
         evals_per_step = (1 if negative_is_caption else 2) + 2 * (2 if xa_guidance > 0 else 1)

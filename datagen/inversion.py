@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from datagen.backbone import Backbone
+from datagen.backbone import Backbone, timesteps_for
 
 MIN_PYRAMID_SIZE = 8
 
@@ -157,10 +157,9 @@ def ddim_invert(backbone: Backbone, latents: torch.Tensor, cond: torch.Tensor, n
     Walks the same `num_steps` timesteps the DDIM sampler walks back, so sampling from the result with the
     same steps and no guidance reconstructs `latents` up to the eps(x_t) ~ eps(x_{t-1}) approximation."""
     scheduler = backbone.inverse_scheduler
-    scheduler.set_timesteps(num_steps, device=latents.device)
     x = latents.float()  # the trajectory stays in fp32; only the UNet runs in the backbone's precision
-    for t in scheduler.timesteps:
-        eps = backbone.unet(x.to(backbone.dtype), t, encoder_hidden_states=cond).sample.float()
+    for t, t_device in timesteps_for(scheduler, num_steps, latents.device):
+        eps = backbone.unet(x.to(backbone.dtype), t_device, encoder_hidden_states=cond).sample.float()
         if regularizer is not None:
             eps = regularizer(eps, generators)
         x = scheduler.step(eps, t, x).prev_sample

@@ -4,6 +4,7 @@ from diffusers import StableDiffusionPipeline
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from datagen.editor import EditBatch, Pix2PixZero
+from datagen.inversion import NoiseRegularizer, ddim_invert
 from engine_fixtures import RESOLUTION, make_backbone, random_direction
 
 STEPS = 8
@@ -87,3 +88,19 @@ def test_compiled_editor_makes_the_same_pair(backbone):
     torch.testing.assert_close(compiled.edited, eager.edited, atol=1e-6, rtol=0)
     torch.testing.assert_close(compiled.xa_loss, eager.xa_loss, atol=1e-6, rtol=0)
     assert compiled.unet_evals == eager.unet_evals
+
+
+def test_no_step_reads_a_device_value_on_the_host():
+    """A read of a device value on the host (`.item()`, `if tensor`, indexing a host table by a device
+    timestep, as diffusers' schedulers do with device timesteps) makes the host wait for the GPU's queued
+    UNet work at every step. The meta device holds no values, so any such read raises there: inversion
+    (with the noise regularizer) and both editing loops, real and synthetic, must run on it to the end."""
+    meta = make_backbone().to(torch.device("meta"), torch.float32)
+    editor = make_editor(meta, torch.zeros(1, 77, 32, device="meta"), num_inference_steps=2, num_inversion_steps=2,
+                         regularizer=NoiseRegularizer())
+    meta.unet.set_attn_processor(dict(editor.processors))
+    latents, cond = torch.zeros(2, 4, 32, 32, device="meta"), torch.zeros(2, 77, 32, device="meta")
+    x_T = ddim_invert(meta, latents, cond, 2, editor.regularizer, [torch.Generator().manual_seed(s) for s in (0, 1)])
+    for uncond in (None, torch.zeros_like(cond)):  # a real input's loop (caption as negative prompt), a synthetic one's
+        reference, edited, xa_loss, _ = editor.lockstep(x_T, uncond, cond, cond, xa_guidance=0.1)
+        assert reference.shape == edited.shape == (2, 4, 32, 32) and xa_loss.shape == (2,)
