@@ -100,7 +100,7 @@ def diffusion_accuracy(pipeline: StableDiffusionPipeline, clip, tokens: TokenCac
 
     With `strength` the samples start from *unrelated* fresh scenes noised that far (img2img) instead of pure
     noise: the figure then tells whether the UNet knows the captions, apart from whether it can draw a layout out
-    of pure noise (toyworld/README.md, "What session 6 found")."""
+    of pure noise (toyworld/README.md, "The committed world")."""
     scenes = sample_scenes(n, seed, two_object_prob=0.0, held_out="only")
     prompts = captions(scenes)
     starts = None if strength is None else render(sample_scenes(n, seed + 1), pipeline.device)[0] * 2 - 1
