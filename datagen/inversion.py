@@ -150,17 +150,26 @@ class NoiseRegularizer:
 
 
 @torch.no_grad()
-def ddim_invert(backbone: Backbone, latents: torch.Tensor, cond: torch.Tensor, num_steps: int,
-                regularizer: NoiseRegularizer | None, generators: list[torch.Generator]) -> torch.Tensor:
-    """x_0 latents -> x_T by DDIM inversion without classifier-free guidance (the official code's choice).
+def ddim_trajectory(backbone: Backbone, latents: torch.Tensor, cond: torch.Tensor, num_steps: int,
+                    regularizer: NoiseRegularizer | None, generators: list[torch.Generator]) -> list[torch.Tensor]:
+    """x_0 latents -> [x_0, ..., x_T] by DDIM inversion without classifier-free guidance (the official code's choice).
 
-    Walks the same `num_steps` timesteps the DDIM sampler walks back, so sampling from the result with the
-    same steps and no guidance reconstructs `latents` up to the eps(x_t) ~ eps(x_{t-1}) approximation."""
+    Walks the same `num_steps` timesteps the DDIM sampler walks back, so sampling from x_T with the same steps
+    and no guidance reconstructs `latents` up to the eps(x_t) ~ eps(x_{t-1}) approximation; entry N - 1 - i is
+    where sampling step i should land."""
     scheduler = backbone.inverse_scheduler
     x = latents.float()  # the trajectory stays in fp32; only the UNet runs in the backbone's precision
+    trajectory = [x]
     for t, t_device in timesteps_for(scheduler, num_steps, latents.device):
         eps = backbone.unet(x.to(backbone.dtype), t_device, encoder_hidden_states=cond).sample.float()
         if regularizer is not None:
             eps = regularizer(eps, generators)
         x = scheduler.step(eps, t, x).prev_sample
-    return x
+        trajectory.append(x)
+    return trajectory
+
+
+def ddim_invert(backbone: Backbone, latents: torch.Tensor, cond: torch.Tensor, num_steps: int,
+                regularizer: NoiseRegularizer | None, generators: list[torch.Generator]) -> torch.Tensor:
+    """x_0 latents -> x_T (the end of `ddim_trajectory`)."""
+    return ddim_trajectory(backbone, latents, cond, num_steps, regularizer, generators)[-1]
