@@ -2,8 +2,8 @@
 
 G maps the input image to the teacher's edited image under L1 + LPIPS(VGG), the paper's objective,
 plus (when `adversarial_weight` > 0) the non-saturating loss of a conditional discriminator D(input,
-image) with lazy R1 on real pairs. An exponential moving average of G's weights, `G_ema`, is what
-validation, samples and export use.
+image) with lazy R1 on real pairs (every r1_interval-th step, inside that step's D update). An exponential
+moving average of G's weights, `G_ema`, is what validation, samples and export use.
 
 One step is one Adam step for G and D together, their gradients taken at the same point (G's adversarial
 term sees D frozen, D sees G's output detached), so Lightning's `global_step` counts batches. The gradients
@@ -71,12 +71,14 @@ class DistillModule(pl.LightningModule):
     (same results; whether it is faster is what `bench.train --channels-last false true` shows).
     """
 
-    def __init__(self, generator: dict, discriminator: dict | None = None, l1_weight: float = 1.0,
-                 lpips_weight: float = 1.0, adversarial_weight: float = 0.0, r1_gamma: float = 10.0,
+    def __init__(self, generator: dict, adversarial_weight: float, discriminator: dict | None = None,
+                 l1_weight: float = 1.0, lpips_weight: float = 1.0, r1_gamma: float = 10.0,
                  r1_interval: int = 16, lr: float = 1e-3, betas: Sequence[float] = (0.0, 0.99), eps: float = 1e-8,
                  ema_half_life: float = 10_000.0, lpips_pretrained_vgg: bool = True, seed: int = 0,
                  num_samples: int = 8, channels_last: bool = False):
         super().__init__()
+        if adversarial_weight > 0 and discriminator is None:
+            raise ValueError(f"adversarial_weight={adversarial_weight} needs a discriminator config")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.G = instantiate(generator)
@@ -92,13 +94,11 @@ class DistillModule(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        groups = [{"params": list(self.G.parameters()), "lr": hp.lr, "betas": tuple(hp.betas)}]
-        if self.D is not None:
-            # lazy R1 (StyleGAN2): D takes r1_interval + 1 steps' worth of updates per r1_interval steps
-            ratio = hp.r1_interval / (hp.r1_interval + 1)
-            groups.append({"params": list(self.D.parameters()), "lr": hp.lr * ratio,
-                           "betas": tuple(beta**ratio for beta in hp.betas)})
-        return torch.optim.Adam(groups, eps=hp.eps)
+        # G and D at the same lr and betas. StyleGAN2 scales D's by r1_interval / (r1_interval + 1) because its
+        # lazy R1 is an extra Adam step; here R1 joins D's loss in the batch's one step, so D takes no extra steps.
+        # One parameter group each, as older checkpoints hold them: those still resume (with the lr they saved).
+        groups = [{"params": list(module.parameters())} for module in (self.G, self.D) if module is not None]
+        return torch.optim.Adam(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         return {name: value.contiguous(memory_format=self.memory_format)

@@ -45,7 +45,7 @@ def write_run(run: Path, module: DistillModule) -> Path:
 def module() -> DistillModule:
     """A DistillModule whose G_ema differs from G (as after training) and whose w_avg is not zero."""
     torch.manual_seed(0)
-    module = DistillModule(generator=GENERATOR, lpips_pretrained_vgg=False)
+    module = DistillModule(generator=GENERATOR, adversarial_weight=0.0, lpips_pretrained_vgg=False)
     with torch.no_grad():
         for param in module.G_ema.parameters():
             param.add_(0.1 * torch.randn_like(param))
