@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 class PairDataError(RuntimeError):
-    """The shards or thresholds give nothing to train on."""
+    """The shards or thresholds give nothing to train on, or a batch does not split over the devices."""
 
 
 def stable_seed(*parts: Any) -> int:
@@ -96,6 +96,7 @@ class PairAugment:
 
     Works on float images in [0, 1]. The crop is square and resized to `resolution`, so it also brings
     pairs generated at another resolution to the generator's. Zero strengths switch a part off.
+    `noise_std` is in the generator's [-1, 1] units, the ones the config and the paper speak in.
     """
 
     def __init__(self, resolution: int, crop_scale: Sequence[float] = (0.8, 1.0), flip: bool = True,
@@ -113,7 +114,8 @@ class PairAugment:
         with torch.random.fork_rng(devices=[]):  # the training RNG stays untouched in the main process
             torch.manual_seed(seed)
             image, target = self.shared(tv_tensors.Image(image), tv_tensors.Image(target))
-            image = image.as_subclass(torch.Tensor) + self.noise_std * torch.randn_like(image)
+            # [0, 1] here, [-1, 1] for the generator: half the std here is noise_std there
+            image = image.as_subclass(torch.Tensor) + self.noise_std / 2 * torch.randn_like(image)
         return image, target.as_subclass(torch.Tensor)
 
 
@@ -210,12 +212,23 @@ class PairStream(IterableDataset):
         return {"input": image * 2 - 1, "target": target * 2 - 1, "key": sample["__key__"]}
 
 
+def per_device(batch_size: int, world_size: int, name: str) -> int:
+    """One process's share of a global batch; refused unless it divides evenly, as otherwise a step would not
+    average the batch the config (and the lr chosen for it) names."""
+    if batch_size % world_size:
+        raise PairDataError(f"data.{name}={batch_size} is the global batch, over all devices, and does not divide "
+                            f"over {world_size} devices; choose a multiple of {world_size}")
+    return batch_size // world_size
+
+
 class PairDataModule(pl.LightningDataModule):
     """Training and validation streams over pair shards (see the module doc).
 
     Validation holds out `holdout_fraction` of the pairs of `path` (chosen by a hash of the key, so it
     is the same set on every rank and every run), unless `val_path` names other shards to validate on.
     `thresholds` (score name -> minimum, None = off) default to those recorded by the generation run.
+    `batch_size` and `val_batch_size` are global, over all devices (the paper's 64 is one optimizer step's
+    batch): each of the trainer's `world_size` processes loads `batch_size / world_size` pairs per step.
     """
 
     def __init__(self, path: str | Sequence[str], resolution: int, augment: PairAugment,
@@ -230,6 +243,9 @@ class PairDataModule(pl.LightningDataModule):
         self.thresholds = dict(thresholds) if thresholds is not None else None
 
     def setup(self, stage: str | None = None) -> None:
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        self.device_batch_size = per_device(self.batch_size, world_size, "batch_size")
+        self.device_val_batch_size = per_device(self.val_batch_size, world_size, "val_batch_size")
         urls = shard_urls(self.path)
         if self.thresholds is None:
             self.thresholds = recorded_thresholds(self.path)
@@ -239,17 +255,17 @@ class PairDataModule(pl.LightningDataModule):
         held_out = None if self.val_path else True
         self.train_set = PairStream(urls, self.thresholds, self.augment, train=True, seed=self.seed,
                                     shuffle_buffer=self.shuffle_buffer, holdout=None if self.val_path else False,
-                                    holdout_fraction=self.holdout_fraction, batch_size=self.batch_size)
+                                    holdout_fraction=self.holdout_fraction, batch_size=self.device_batch_size)
         resize = PairAugment(self.resolution, crop_scale=(1.0, 1.0), flip=False)  # no randomness left
         self.val_set = PairStream(shard_urls(self.val_path) if self.val_path else urls, self.thresholds,
                                   resize, train=False, holdout=held_out,
                                   holdout_fraction=self.holdout_fraction)
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader(self.train_set, self.batch_size)
+        return self.loader(self.train_set, self.device_batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self.loader(self.val_set, self.val_batch_size)
+        return self.loader(self.val_set, self.device_val_batch_size)
 
     def loader(self, stream: PairStream, batch_size: int) -> DataLoader:
         if self.trainer is not None:

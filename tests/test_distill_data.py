@@ -2,6 +2,7 @@
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from distill.data import PairAugment, PairDataModule, PairStream, shard_urls
+from distill.data import PairAugment, PairDataError, PairDataModule, PairStream, shard_urls
 
 RESOLUTION = 32
 
@@ -132,9 +133,27 @@ def test_augmentation_keeps_input_and_target_aligned():
     assert not torch.equal(geometric(image, image, 0)[0], geometric(image, image, 1)[0])
 
 
-def test_noise_goes_to_the_input_only():
-    image = torch.rand(3, RESOLUTION, RESOLUTION)
-    clean_input, clean_target = PairAugment(RESOLUTION, crop_scale=(1, 1), flip=False)(image, image, 0)
-    noisy_input, noisy_target = PairAugment(RESOLUTION, crop_scale=(1, 1), flip=False, noise_std=0.1)(image, image, 0)
-    torch.testing.assert_close(noisy_target, clean_target, rtol=0, atol=0)
-    assert (noisy_input - clean_input).std() == pytest.approx(0.1, rel=0.1)
+def test_noise_goes_to_the_input_only_with_its_std_in_the_generators_units(pairs):
+    def stream(noise_std: float) -> list[dict]:
+        return list(PairStream(shard_urls(str(pairs)), {}, PairAugment(RESOLUTION, crop_scale=(1, 1), flip=False,
+                                                                       noise_std=noise_std), train=False))
+
+    clean, noisy = stream(0.0), stream(0.1)
+    for a, b in zip(clean, noisy):
+        torch.testing.assert_close(b["target"], a["target"], rtol=0, atol=0)
+    # the stream yields what the generator sees, in [-1, 1]: there the added noise has the configured std
+    added = torch.stack([b["input"] - a["input"] for a, b in zip(clean, noisy)])
+    assert added.numel() == 8 * 3 * RESOLUTION**2 and added.std().item() == pytest.approx(0.1, rel=0.03)
+
+
+def test_batch_size_is_global_and_each_device_loads_its_share(pairs):
+    def device_batches(batch_size: int, world_size: int) -> tuple[int, int, int]:
+        data = PairDataModule(str(pairs), RESOLUTION, PairAugment(RESOLUTION), batch_size=batch_size, num_workers=0)
+        data.trainer = SimpleNamespace(world_size=world_size, global_rank=world_size - 1, global_step=0)
+        data.setup("fit")
+        return data.train_dataloader().batch_size, data.train_set.batch_size, data.val_dataloader().batch_size
+
+    assert device_batches(64, 1) == (64, 64, 64)
+    assert device_batches(64, 4) == (16, 16, 16)   # 4 devices x 16: the paper's 64 per step
+    with pytest.raises(PairDataError, match=r"data.batch_size=64 is the global batch.*over 3 devices"):
+        device_batches(64, 3)
