@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from datagen.backbone import load_backbone
 from datagen.directions import bank_path, edit_direction
-from datagen.editor import EditBatch, Editor
+from datagen.editors.base import EditBatch, Editor
+from datagen.prompts import PromptEdit, PromptNotEditable
 from datagen.shards import ShardWriter, finished_shards
 from datagen.sources import InputRejected, Sample, SourceError
 from filters.score import build_scorer
@@ -122,10 +123,12 @@ class Worker:
         cfg = self.cfg = job.cfg
         self.job, self.out_dir = job, out_dir
         backbone = load_backbone(cfg.model, cfg.device)
-        direction = edit_direction(backbone, cfg.task, cfg.cache_dir)
+        editor_class: type[Editor] = get_class(cfg.editor._target_)
+        extra = {"direction": edit_direction(backbone, cfg.task, cfg.cache_dir)} if editor_class.uses_direction else {}
         # Partial first: instantiate would turn the Backbone dataclass into a config node.
         self.editor: Editor = instantiate(cfg.editor, _partial_=True)(
-            backbone=backbone, direction=direction, resolution=cfg.model.resolution, compile=cfg.compile)
+            backbone=backbone, resolution=cfg.model.resolution, compile=cfg.compile, **extra)
+        self.prompt_edit = PromptEdit.from_task(cfg.task) if editor_class.uses_target_prompts else None
         # Scorers run in fp32 whatever the editor's precision: a CLIP gain of 0.10 rests on similarity gaps of ~0.01.
         self.scorer = build_scorer(cfg.model.scorers, cfg.task, backbone.device) if cfg.filters.enabled else None
         self.device = backbone.device
@@ -150,7 +153,7 @@ class Worker:
                 except InputRejected as error:
                     writer.reject(index, error.reason, error.detail)
             if samples:
-                unet_evals = self.edit_batch(samples, writer)
+                unet_evals = self.edit_batch(samples, writer) or unet_evals  # 0: the whole batch was rejected
             progress.update(len(batch))
             progress.set_postfix(rejected=len(writer.rejects), refresh=False)
         peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
@@ -163,7 +166,20 @@ class Worker:
         if uncaptioned:
             for i, caption in zip(uncaptioned, self.caption(images[uncaptioned])):
                 samples[i].prompt = caption
-        result = self.editor.edit(EditBatch([s.seed for s in samples], [s.prompt for s in samples], images))
+        targets = None
+        if self.prompt_edit is not None:  # an input whose prompt the task's rule cannot edit is rejected, not passed on
+            editable, targets = [], []
+            for i, sample in enumerate(samples):
+                try:
+                    targets.append(self.prompt_edit.target(sample.prompt))
+                    editable.append(i)
+                except PromptNotEditable as error:
+                    writer.reject(sample.index, error.reason, error.detail)
+            if not editable:
+                return 0
+            samples = [samples[i] for i in editable]
+            images = images[editable] if real else None
+        result = self.editor.edit(EditBatch([s.seed for s in samples], [s.prompt for s in samples], images, targets))
         scores = self.scorer(result.inputs.to(self.device), result.edited) if self.scorer is not None else None
         for i, sample in enumerate(samples):
             if not result.finite[i]:  # one diverged sample is rejected, not its batch
@@ -171,7 +187,12 @@ class Worker:
                 continue
             kind = "caption" if real else "prompt"
             meta = sample_meta(self.cfg, sample, kind, result.seconds / len(samples), result.unet_evals)
-            meta["xa_loss"] = round(float(result.xa_loss[i]), 6)
+            if targets is not None:
+                meta["target_prompt"] = targets[i]
+            if result.xa_loss is not None:
+                meta["xa_loss"] = round(float(result.xa_loss[i]), 6)
+            if result.records:
+                meta.update(result.records[i])
             if scores is not None:
                 meta["scores"] = scores[i]
             writer.write(meta["key"], result.inputs[i], result.edited[i], meta)
