@@ -19,7 +19,8 @@ def main(cfg: DictConfig) -> None:
     meta = report.metadata
     print(f"wrote {report.path}: {meta['resolution']}px {meta['dtype']}, task {meta['task']}, "
           f"training config sha256 {meta['training_config_sha256'][:12]}; "
-          f"max abs difference to the eager generator {report.max_abs_diff:.3g}")
+          f"max abs difference to the eager generator {report.max_abs_diff:.3g}"
+          + (f" ({report.fp32_max_abs_diff:.3g} to it in float32)" if report.fp32_max_abs_diff is not None else ""))
     if report.onnx_path is not None:
         check = ("not checked (onnxruntime is not installed)" if report.onnx_max_abs_diff is None
                  else f"max abs difference (onnxruntime) {report.onnx_max_abs_diff:.3g}")

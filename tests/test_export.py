@@ -3,6 +3,7 @@ process and in a fresh one that cannot import the project; metadata; fp16; refus
 import argparse
 import copy
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from bench.latency import build_generator
-from distill.export import ONNX_TOLERANCE, CheckpointError, ExportError, ParityError, config_sha256, export, save_onnx
+from distill.export import CheckpointError, ExportError, ParityError, config_sha256, export, save_onnx
 from distill.module import DistillModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +73,8 @@ def test_export_equals_the_eager_ema_generator_and_carries_its_metadata(exported
     x = inputs()
     with torch.no_grad():
         expected = module.G_ema.eval()(x)
-        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=1e-6)
+        for _ in range(3):  # the profiled first call, then the optimised graph translate.py runs after its warm-up
+            torch.testing.assert_close(loaded(x), expected, rtol=0, atol=1e-6)
         assert (module.G.eval()(x) - expected).abs().max() > 0.1  # it is G_ema that was exported, not G
     assert report.max_abs_diff <= 1e-5
     assert not loaded.training and loaded(x).shape == (3, 3, 16, 16)
@@ -138,9 +140,10 @@ def test_fp16_export_and_a_checkpoint_outside_its_run(module, tmp_path):
     with torch.no_grad():
         output = loaded(x.half())
         difference = (output.float() - module.G_ema.eval()(x)).abs().max().item()
-    print(f"fp16 file vs fp32 eager: max abs difference {difference:.2e}")
+    print(f"fp16 file vs fp32 eager: max abs difference {difference:.2e} (the export's check: "
+          f"{report.fp32_max_abs_diff:.2e})")
     assert output.dtype == torch.float16 and all(p.dtype == torch.float16 for p in loaded.parameters())
-    assert 0 < difference < 2e-2
+    assert 0 < difference < 2e-2 and 0 < report.fp32_max_abs_diff < 2e-2
     assert report.metadata["dtype"] == "float16" and report.metadata["task"] is None
     # no RUN/config.yaml beside it: the module's hyper-parameters are what is hashed
     assert report.metadata["training_config_sha256"] == config_sha256(dict(module.hparams))
@@ -171,6 +174,37 @@ def test_a_file_that_fails_parity_is_not_written(exported, monkeypatch, tmp_path
     with pytest.raises(ParityError, match=rf"differs from the eager generator by 0.0001 .*{out} not written"):
         export(ckpt, out, device="cpu")
     assert out.read_bytes() == b"an older export" and sorted(p.name for p in tmp_path.iterdir()) == ["generator.ts"]
+
+
+def test_an_fp16_file_far_from_the_fp32_generator_is_not_written(module, tmp_path):
+    """A generator half precision cannot hold: 1000 added by one toRGB and taken away by the next leaves fp16 a
+    step of 0.5 for the image. The fp16 file computes what the eager fp16 generator does, and is still refused."""
+    broken = copy.deepcopy(module)
+    with torch.no_grad():
+        broken.G_ema.decoder.blocks[-2].to_rgb.bias.add_(1000.0)
+        broken.G_ema.decoder.blocks[-1].to_rgb.bias.sub_(1000.0)
+    torch.save({"state_dict": broken.state_dict(), "hyper_parameters": dict(broken.hparams)}, tmp_path / "broken.ckpt")
+    out = tmp_path / "generator16.ts"
+    with pytest.raises(ParityError, match=rf"float16 TorchScript file differs from the float32 eager generator by .*{out} not written"):
+        export(tmp_path / "broken.ckpt", out, dtype="float16", device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.ckpt"]
+
+
+def test_the_optimised_graph_is_checked_not_only_the_first_call(exported, monkeypatch, tmp_path):
+    """TorchScript's profiling executor runs the first call as scripted and later ones on an optimised graph (fused
+    on a GPU): a file whose optimised graph is off is refused, though its first call is exact."""
+    ckpt, _ = exported
+    load = torch.jit.load
+
+    def optimised_off_by_a_little(*args, **kwargs):
+        model, calls = load(*args, **kwargs), itertools.count()
+        return lambda x: model(x) + (1e-4 if next(calls) else 0.0)
+
+    monkeypatch.setattr(torch.jit, "load", optimised_off_by_a_little)
+    out = tmp_path / "generator.ts"
+    with pytest.raises(ParityError, match=rf"differs from the eager generator by 0.0001 .*{out} not written"):
+        export(ckpt, out, device="cpu")
+    assert not out.exists()
 
 
 def write_bad_checkpoint(kind: str, path: Path, exported) -> Path:
@@ -249,7 +283,8 @@ def test_the_paper_size_generator_exports_to_onnx(tmp_path):
     TorchScript check's 1e-5, which refused this export until the ONNX check got its own tolerance."""
     generator = build_generator("comodgan_256", grouped_modconv=False)
     difference = save_onnx(generator, tmp_path / "generator.onnx", torch.float32, torch.device("cpu"))
-    assert (tmp_path / "generator.onnx").is_file() and difference <= ONNX_TOLERANCE[torch.float32]
+    # this test's bound, not the code's: 4x the measured difference, 1/80 of one 8-bit level (2/255 in [-1, 1])
+    assert (tmp_path / "generator.onnx").is_file() and difference <= 1e-4
 
 
 def test_onnx_without_its_packages_is_refused_before_any_work(exported, tmp_path, monkeypatch):
