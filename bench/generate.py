@@ -1,7 +1,7 @@
 """Generation benchmark: our batched lockstep pix2pix-zero editor against the official loop, same weights.
 
     python -m bench.generate                    # SD-1.4-size random UNet on a GPU, a small one on the CPU
-    python -m bench.generate --smoke            # tiny components, 2 steps: seconds on a CPU
+    python -m bench.generate --smoke            # tiny components (cross-attention sharpened), 2 steps: seconds on a CPU
     python -m bench.generate --compile          # also ours with its UNet under torch.compile (largest batch)
 
 First both editors make the same pair from the same input (max abs difference printed): equal outputs are what make
@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -58,6 +59,10 @@ SIZES = {
     "small": Size((32, 64, 128, 128), (32, 32, 64, 64), 128, 2, 4, 128),  # CPU: 16 x 16 latents
 }
 TINY_RESOLUTION = 32  # datagen.backbone.tiny_backbone (the test suite's components): 16 x 16 latents
+# A random UNet's cross-attention maps are near-uniform: at the smoke's 2 + 2 steps the guidance moves the pair by
+# 4e-4, too little for the parity of both editors to tell a right guidance from none. Sharpened 3x it moves the
+# pair by 0.2 while the editors still agree to 1e-5 (tests/test_bench.py).
+SMOKE_SHARPENING = 3.0
 
 
 def sd_shaped_backbone(size: Size, seed: int = 0) -> Backbone:
@@ -108,11 +113,12 @@ class Setup:
     resolution: int
     steps: int
 
-    def ours(self, steps: int | None = None, compile_backend: str | None = None) -> Pix2PixZero:
+    def ours(self, steps: int | None = None, compile_backend: str | None = None, **options: Any) -> Pix2PixZero:
+        """Our editor at the setup's (or `steps`) steps; `options` go to Pix2PixZero (e.g. xa_update)."""
         steps = steps or self.steps
         compile = {"backend": compile_backend} if compile_backend else False
         return Pix2PixZero(self.backbone, self.direction, self.resolution, steps, steps, regularizer=NoiseRegularizer(),
-                           compile=compile)
+                           compile=compile, **options)
 
     def reference(self, steps: int | None = None) -> ReferenceEditor:
         steps = steps or self.steps
@@ -130,6 +136,29 @@ class Setup:
         if self.images is None:
             return editor.edit(PROMPT, x_T=noise_from.initial_noise([index]))
         return editor.edit(PROMPT, image=self.images[index : index + 1], seed=index)
+
+
+def sharpen_cross_attention(unet: torch.nn.Module, factor: float) -> None:
+    """Scales the query and key projections of every cross-attention (attn2) layer by `factor`, in place: its
+    logits grow by factor^2, so its maps leave the near-uniform ones of random weights."""
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_q.weight.mul_(factor)
+                module.to_k.weight.mul_(factor)
+
+
+def build_setup(size: str, inputs: str, pairs: int, steps: int, device: torch.device, sharpening: float = 1.0) -> Setup:
+    """Random weights of `size` ("tiny": the test suite's), a random direction and, for real inputs, `pairs` random
+    images, all from seed 0; with `sharpening`, the cross-attention sharpened (`sharpen_cross_attention`)."""
+    backbone = (tiny_backbone(0) if size == "tiny" else sd_shaped_backbone(SIZES[size])).to(device, torch.float32)
+    if sharpening != 1:
+        sharpen_cross_attention(backbone.unet, sharpening)
+    resolution = TINY_RESOLUTION if size == "tiny" else SIZES[size].resolution
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(1, 77, backbone.text_encoder.config.hidden_size, generator=generator)
+    images = torch.rand(pairs, 3, resolution, resolution, generator=generator) if inputs == "real" else None
+    return Setup(backbone, direction, images, resolution, steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +254,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 def arguments() -> argparse.ArgumentParser:
     """The command line (bench/gpu.sh's commands are checked against it in the tests)."""
-    parser = script_arguments(__doc__, "generate", "tiny components, 2 steps, batches 1 and 2, fp32")
+    parser = script_arguments(__doc__, "generate", "tiny components (cross-attention sharpened), 2 steps, batches 1 and 2, fp32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--size", choices=[*SIZES, "tiny"], help="default: sd14 on a GPU, small on the CPU")
     parser.add_argument("--steps", type=int, help="inversion and edit steps (default: 50 on a GPU, 10 on the CPU)")
@@ -258,24 +287,22 @@ def main(argv: Sequence[str] | None = None) -> Path:
     warmup = args.warmup if args.warmup is not None else int(gpu)
     diffusers_logging.set_verbosity_error()  # each precision change would warn that no module must stay fp32
 
-    backbone = (tiny_backbone(0) if size == "tiny" else sd_shaped_backbone(SIZES[size])).to(device, torch.float32)
-    resolution = TINY_RESOLUTION if size == "tiny" else SIZES[size].resolution
-    generator = torch.Generator().manual_seed(0)
-    direction = torch.randn(1, 77, backbone.text_encoder.config.hidden_size, generator=generator)
-    images = torch.rand(max(args.batches), 3, resolution, resolution, generator=generator) if args.inputs == "real" else None
-    setup = Setup(backbone, direction, images, resolution, steps)
+    sharpening = SMOKE_SHARPENING if args.smoke else 1.0
+    setup = build_setup(size, args.inputs, max(args.batches), steps, device, sharpening)
+    backbone, resolution = setup.backbone, setup.resolution
 
     columns = ["editor", "precision", "batch", "s/pair", "ref/ours", "UNet evals/pair", "syncs/step", "peak GiB", "TFLOP/pair",
                "TFLOP/s", "% matmul peak", "h per 15k pairs @100/100"]
     notes = [f"{size} random-weight UNet ({sum(p.numel() for p in backbone.unet.parameters()) / 1e6:.1f} M parameters), "
              f"{resolution} px, {args.inputs} inputs, {steps} inversion + {steps} edit steps, guidance 5.0, "
-             f"xa_guidance {0.1 if args.inputs == 'real' else 0.15}",
+             f"xa_guidance {0.1 if args.inputs == 'real' else 0.15}"
+             + (f", cross-attention sharpened {sharpening:g}x" if sharpening != 1 else ""),
              "ref/ours: the reference's s/pair at the same precision (fp16's for bf16) / ours; hours: s/pair "
              "scaled by FLOPs to 100 + 100 steps, x 15,000 pairs, on this device"]
     report = Report("generate", args.out, device, {
         PARITY: ["precision", "max abs input diff", "max abs edited diff"], TIMES: columns,
         COMPILED: ["precision", "batch", "backend", "first run s", "max abs edited diff"],
-        KERNELS: ["setting", "kernel", "calls", "ms", "share %"]}, notes)
+        KERNELS: ["setting", "kernel", "calls", "ms", "share %"]}, notes, smoke=args.smoke)
     for name in precisions:
         with_reference = not args.no_reference and name in REFERENCE_DTYPES
         bench_precision(setup, name, args.batches, args.repeats, warmup, with_reference, report, args.profile, args.compile)

@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     notes = [f"eval mode, random weights, {'channels_last' if not args.no_channels_last else 'contiguous'}, "
              f"{warmup} warm-up + {iterations} timed calls per setting"]
     report = Report("latency", args.out, device, {LATENCY: columns, KERNELS: ["setting", "kernel", "calls", "ms", "share %"]},
-                    notes)
+                    notes, smoke=args.smoke)
     for preset in args.presets:
         for grouped in args.grouped_modconv:
             name = preset + (" grouped" if grouped == "true" else "")

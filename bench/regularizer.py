@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     report = Report("regularizer", args.out, device, {TABLE: columns}, [
         f"noise B x 4 x {args.size} x {args.size} (fp32, spatially correlated), lambda_ac = lambda_kl = 20, 5 x (5 + 1) steps; "
         "ms/call: median of CUDA-event or wall times; ops: aten ops dispatched (views and random draws left out); "
-        f"s/pair: ms/sample x {PAPER_STEPS} inversion steps"])
+        f"s/pair: ms/sample x {PAPER_STEPS} inversion steps"], smoke=args.smoke)
     for batch in args.batches:
         noise = torch.randn(batch, 4, args.size, args.size, generator=torch.Generator().manual_seed(batch))
         noise = (noise + noise.roll(1, 2) + noise.roll(1, 3)).to(device)  # correlated, as a UNet's prediction is

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -22,7 +23,7 @@ def script_arguments(doc: str, name: str, smoke: str) -> argparse.ArgumentParser
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help=smoke)
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; --smoke: 1)")
-    parser.add_argument("--out", type=Path, help=f"JSON path (default bench/results/{name}.json)")
+    parser.add_argument("--out", type=Path, help=f"JSON path (default bench/results/{name}.json; --smoke: a temporary folder)")
     return parser
 
 
@@ -66,11 +67,16 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 class Report:
     """Result tables filled setting by setting. Each new row is printed at once and the JSON rewritten (marked
     partial), so a run cut off by a time limit (a lent GPU's call) keeps what it measured; `finish` writes the
-    final JSON with the machine, versions, date and command, then prints the notes and every table, last."""
+    final JSON with the machine, versions, date and command, then prints the notes and every table, last.
+
+    The JSON goes to `out`, else to bench/results/<name>.json, except for a `smoke` run's: its figures are no
+    results, so without `out` it goes to a new temporary folder rather than among (or over) the committed ones."""
 
     def __init__(self, name: str, out: Path | None, device: torch.device, tables: dict[str, Sequence[str]],
-                 notes: Sequence[str] = ()) -> None:
-        self.path = Path(out) if out is not None else RESULTS / f"{name}.json"
+                 notes: Sequence[str] = (), smoke: bool = False) -> None:
+        if out is None:
+            out = (Path(tempfile.mkdtemp(prefix="bench-smoke-")) if smoke else RESULTS) / f"{name}.json"
+        self.path = Path(out)
         self.device, self.notes = device, list(notes)
         self.tables: dict[str, tuple[list[str], list[dict]]] = {title: (list(columns), []) for title, columns in tables.items()}
 

@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     report = Report("shards", args.out, torch.device("cpu"), {TABLE: [
         "writer", "resolution", "batch", "edit s/batch", "s/batch", "writing s/batch", "ms/pair in writing", "same bytes"]},
         [f"{args.batches} batches; editing stand-in: {args.edit_work} 1024^2 fp32 matmuls on one torch thread; "
-         "writing: time the loop spent in ShardWriter.write and close (what a GPU would idle for)"])
+         "writing: time the loop spent in ShardWriter.write and close (what a GPU would idle for)"], smoke=args.smoke)
     edit_seconds = seconds(edit, torch.device("cpu"))
     with tempfile.TemporaryDirectory() as folder:
         inline = run(None, Path(folder) / "inline")

@@ -90,16 +90,23 @@ class StepTimer(pl.Callback):
             self.r1_steps.append(module.D is not None and step % module.hparams.r1_interval == 0)
 
 
-def train_images_per_second(cfg: DictConfig, warmup: int, steps: int) -> dict[str, float]:
-    """The distillation step on one in-memory batch, repeated: compute alone, the host-to-device copy included."""
+def timed_fit(cfg: DictConfig, warmup: int, steps: int, callbacks: Sequence[pl.Callback] = ()) -> StepTimer:
+    """`warmup` + `steps` distillation steps on one in-memory batch, repeated, timed after the warmup: compute alone,
+    the host-to-device copy included. `callbacks` join the fit (a test watches the steps with them)."""
     module = instantiate(cfg.distill)
     batch_size, resolution = cfg.data.batch_size, cfg.distill.generator.resolution
     pixels = torch.rand(2, batch_size, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
     batch = {"input": pixels[0], "target": pixels[1]}
     timer = StepTimer(warmup)
-    trainer = instantiate(cfg.trainer, max_steps=warmup + steps, logger=False, callbacks=[timer], enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, val_check_interval=None)
+    trainer = instantiate(cfg.trainer, max_steps=warmup + steps, logger=False, callbacks=[timer, *callbacks],
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                          limit_val_batches=0, val_check_interval=None)
     trainer.fit(module, train_dataloaders=DataLoader([batch] * (warmup + steps), batch_size=None))
+    return timer
+
+
+def step_rates(timer: StepTimer, batch_size: int) -> dict[str, float]:
+    """The median step over the steps without lazy R1 (all steps if each had it), and the mean rate over all."""
     plain = [t for t, r1 in zip(timer.times, timer.r1_steps) if not r1] or timer.times
     return {"median step s": statistics.median(plain), "train images/s": batch_size / statistics.median(plain),
             "train images/s incl. R1": batch_size * len(timer.times) / sum(timer.times)}
@@ -136,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                "bound by", "note"]
     notes = [f"{args.warmup} warm-up + {args.steps} timed steps; loader: {args.loader_batches} batches after the "
              "first, decode + augment (conf/data/pairs.yaml) in one process"]
-    report = Report("train", args.out, device, {THROUGHPUT: columns}, notes)
+    report = Report("train", args.out, device, {THROUGHPUT: columns}, notes, smoke=args.smoke)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         for preset, batch_size, precision, channels_last in itertools.product(args.presets, batch_sizes, precisions,
                                                                               args.channels_last):
@@ -156,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             per_worker = loader_images_per_second(cfg, sorted(str(p) for p in shard_dir.glob("*.tar")), args.loader_batches)
             try:
                 with peak_memory(device) as memory:
-                    step = train_images_per_second(cfg, args.warmup, args.steps)
+                    step = step_rates(timed_fit(cfg, args.warmup, args.steps), batch_size)
             except torch.OutOfMemoryError:  # a batch too large for this device: say so, go on to the next setting
                 torch.cuda.empty_cache()
                 report.add(THROUGHPUT, {**row, "loader images/s per worker": per_worker, "note": "out of memory"})
