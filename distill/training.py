@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -66,3 +67,24 @@ def wandb_api_key_configured() -> bool:
         return netrc.netrc().authenticators(host) is not None
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's bars, with the training bar counting optimizer steps of `max_steps` (rate and ETA included).
+
+    The pair stream never ends, so the whole run is epoch 0 and Lightning's bar, which counts an epoch's
+    batches, has no total to show. A resumed run's bar starts at its step; the rate counts this run's steps.
+    """
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_) -> None:
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        bar.n = bar.initial = trainer.global_step
+        bar.unit = "step"
+        bar.set_description("Training")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if self.is_enabled and (step % self.refresh_rate == 0 or step == bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar

@@ -1,11 +1,13 @@
 """Distillation runs end to end on tiny shards (CPU, small generator, random-trunk LPIPS): learning,
 exact resume, loggers, checkpoints an export can read, and the stop on a non-finite loss."""
 import csv
+import itertools
 import urllib.error
 from pathlib import Path
 
 import lpips.pretrained_networks
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
@@ -224,3 +226,42 @@ def test_the_discriminator_follows_the_generator_preset(tmp_path, preset, resolu
         G, D = instantiate(generator).eval(), instantiate(discriminator)
         image = torch.empty(2, 3, resolution, resolution)
         assert D(image, G(image)).shape == (2, 1)
+
+
+class Scale(pl.LightningModule):
+    """The smallest module a Trainer can step."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight * batch).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Endless(torch.utils.data.IterableDataset):
+    """A stream without end, as the pairs are: one epoch holds the whole run."""
+
+    def __iter__(self):
+        return itertools.repeat(torch.ones(1))
+
+
+def test_the_progress_bar_counts_steps_of_max_steps_from_where_a_run_resumes(tmp_path, capsys):
+    bar_config = run_config(tmp_path, tmp_path).callbacks.progress
+
+    def fit(max_steps: int, ckpt_path: Path | None = None):
+        bar = instantiate(bar_config)
+        trainer = pl.Trainer(max_steps=max_steps, callbacks=[bar], accelerator="cpu", logger=False, enable_model_summary=False,
+                             enable_checkpointing=False, default_root_dir=tmp_path)
+        trainer.fit(Scale(), torch.utils.data.DataLoader(Endless(), batch_size=2), ckpt_path=ckpt_path)
+        return trainer, bar.train_progress_bar, capsys.readouterr().out.split("\r")[-1]
+
+    trainer, bar, line = fit(4)
+    print(line)
+    assert (bar.n, bar.total) == (4, 4) and "Training: 100%" in line and "4/4 [" in line and "step/s" in line
+    trainer.save_checkpoint(tmp_path / "step4.ckpt")
+    _, bar, line = fit(10, tmp_path / "step4.ckpt")
+    assert (bar.initial, bar.n, bar.total) == (4, 10, 10) and "10/10 [" in line
