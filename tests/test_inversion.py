@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from datagen.inversion import (NoiseRegularizer, PyramidRolls, autocorrelation_grad, autocorrelation_loss, ddim_invert,
                                draw_shifts, kl_grad, kl_loss)
-from engine_fixtures import make_backbone
+from engine_fixtures import TimeOnlyUNet, make_backbone
 
 
 def gens(n, seed=0):
@@ -54,11 +54,17 @@ def test_either_term_can_be_switched_off():
 
 
 def test_shifts_never_zero():
-    # d = 0 would penalise the variance instead of the correlation (a bug of an early official version):
-    # a constant map has variance 0 but autocorrelation 1 at every offset.
-    ones = torch.ones(1, 1, 16, 16)
-    for seed in range(20):
-        assert ac_loss(ones, gens(1, seed)).item() == 2 * 2  # 2 levels (16, 8) x 2 directions x 1^2
+    """d = 0 would penalise the variance instead of the correlation (a bug of an early official version). The drawn
+    offsets cover [1, w/2) at every pyramid level and never 0; on white noise the loss at them is that of true
+    correlations (measured at most 0.016), where d = 0 gives each map's mean square, ~1 per map and direction (measured 34)."""
+    shifts = draw_shifts(gens(4), 4, 64, rounds=50)  # rounds x levels (64, 32, 16, 8) x samples x channels: 800 a level
+    for level, width in enumerate((64, 32, 16, 8)):
+        assert shifts[:, level].unique().tolist() == list(range(1, width // 2)), level
+    white = torch.randn(4, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    rolls = PyramidRolls.of(shifts, 64, 64)
+    assert max(autocorrelation_loss(white, rolls[r]) for r in range(50)) < 0.05
+    at_zero = PyramidRolls.of(torch.zeros_like(shifts[0]), 64, 64)  # the bug, as a control: the same loss fails
+    assert autocorrelation_loss(white, at_zero) > 20
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 64, 64), (3, 4, 24, 40), (1, 2, 27, 27)])
@@ -93,29 +99,6 @@ def test_the_regularizer_never_waits_for_the_gpu():
         NoiseRegularizer()(noise, gens(4))
     finally:
         torch.cuda.set_sync_debug_mode("default")
-
-
-class TimeOnlyUNet(torch.nn.Module):
-    """A noise predictor that depends on t and the text but not on x_t: there DDIM inversion is exact.
-    (Zeroing a real UNet's conv_in does not give this: GroupNorm of constant maps amplifies float noise.)"""
-
-    attn_processors: dict = {}  # no attention layers: nothing for an editor to install
-
-    def __init__(self, unet):
-        super().__init__()
-        self.config, self.table = unet.config, torch.nn.Parameter(torch.randn(1000, 4, 1, 1), requires_grad=False)
-
-    def forward(self, x, t, encoder_hidden_states):
-        eps = self.table[t.long()] * (1 + encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1))
-        return SimpleNamespace(sample=eps.expand_as(x) + 0 * x)
-
-    @property
-    def dtype(self):
-        return torch.float32
-
-    @property
-    def device(self):
-        return torch.device("cpu")
 
 
 def test_inversion_then_reconstruction_returns_the_input():
