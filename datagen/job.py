@@ -18,7 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
+import huggingface_hub.utils
 import torch
+import transformers
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -116,10 +119,22 @@ def sample_meta(cfg: DictConfig, sample: Sample, kind: str, seconds: float, unet
     }
 
 
+def hide_loading_bars() -> None:
+    """No per-component "Loading weights" bars from transformers or diffusers: the worker's own bar and log lines
+    say what the run is doing. The hub's download bars, which transformers switches off with its own, stay as
+    they were: a first download takes minutes and its bar is all that shows it is under way."""
+    downloads_shown = not huggingface_hub.utils.are_progress_bars_disabled()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+    if downloads_shown:
+        huggingface_hub.utils.enable_progress_bars()
+
+
 class Worker:
     """One worker's models, loaded once, and the loop over its shards."""
 
     def __init__(self, job: Job, out_dir: Path) -> None:
+        hide_loading_bars()  # here, in the process that loads the models: launch may run a worker in its own
         cfg = self.cfg = job.cfg
         self.job, self.out_dir = job, out_dir
         backbone = load_backbone(cfg.model, cfg.device)
@@ -250,8 +265,9 @@ class Summary:
             ("rejected", f"{rejected}" + (f" ({reasons})" if reasons else "")),
             ("seconds per pair", f"{self.seconds_per_pair:.3f} (one worker's wall time)"),
             ("UNet evals per pair", str(self.unet_evals_per_pair)),
-            ("peak GPU memory", f"{self.peak_gpu_memory_gb:.2f} GiB"),
         ]
+        if self.peak_gpu_memory_gb > 0:  # 0: every shard was made on a CPU, where nothing measured it
+            rows.append(("peak GPU memory", f"{self.peak_gpu_memory_gb:.2f} GiB"))
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

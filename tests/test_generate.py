@@ -1,5 +1,6 @@
 """generate.py as a user meets it: the CLI writes shards any webdataset reader opens, with the run's config;
 mistakes are one readable line, before any model loads; sources and the worker split obey their rules."""
+import dataclasses
 import io
 import os
 import subprocess
@@ -7,8 +8,11 @@ import sys
 import tarfile
 from pathlib import Path
 
+import diffusers
+import huggingface_hub.utils
 import pytest
 import torch
+import transformers
 import webdataset as wds
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -16,7 +20,7 @@ from PIL import Image
 
 from datagen import launch
 from datagen.directions import load_sentences
-from datagen.job import plan_job
+from datagen.job import Summary, hide_loading_bars, plan_job
 from datagen.launch import LauncherPlace, WorkerSlot, launcher_place, worker_slots
 from datagen.sources import InputRejected, fit_image
 from datagen.verify import verify_run
@@ -205,3 +209,29 @@ def test_a_configured_caption_wins_over_sidecars(tmp_path):
     fixed = plan_job(generate_config(tmp_path / "run2", tmp_path / "cache", "source=folder", f"source.path={images}",
                                      "source.caption='a photo of a cat'"))
     assert [fixed.source[i].prompt for i in range(2)] == ["a photo of a cat"] * 2
+
+
+def test_the_summary_names_gpu_memory_only_when_a_gpu_measured_it():
+    summary = Summary(shards_done=1, shards_total=1, pairs_total=2, written=2, rejected={}, seconds_per_pair=1.0,
+                      unet_evals_per_pair=30, peak_gpu_memory_gb=0.0)   # what CPU shards record
+    assert "GPU" not in summary.table()
+    assert "peak GPU memory      1.50 GiB" in dataclasses.replace(summary, peak_gpu_memory_gb=1.5).table()
+
+
+def test_workers_load_models_without_the_libraries_bars_but_keep_the_download_bars(tmp_path, capfd):
+    config = transformers.CLIPTextConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=8)
+    transformers.CLIPTextModel(config).save_pretrained(tmp_path / "text_encoder")
+    shown = transformers.utils.logging.is_progress_bar_enabled(), diffusers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.enable_progress_bar()
+    try:
+        transformers.CLIPTextModel.from_pretrained(tmp_path / "text_encoder")
+        assert "Loading weights" in capfd.readouterr().err   # what each of a worker's components printed
+        hide_loading_bars()
+        transformers.CLIPTextModel.from_pretrained(tmp_path / "text_encoder")
+        assert "Loading weights" not in capfd.readouterr().err
+        assert not diffusers.utils.logging.is_progress_bar_enabled()
+        assert not huggingface_hub.utils.are_progress_bars_disabled()
+    finally:
+        for library, enabled in zip((transformers, diffusers), shown):
+            (library.utils.logging.enable_progress_bar if enabled else library.utils.logging.disable_progress_bar)()
