@@ -26,9 +26,10 @@ first call as scripted and the later ones on a graph optimised from its profile 
 those are what ``translate.py`` runs after its warm-up. A maximum absolute difference above
 ``PARITY_TOLERANCE`` (fp32: 1e-5) deletes it and raises ``ParityError``. fp16 files are compared with
 the eager generator in fp16 (tolerance 2e-2) and, to bound what half precision loses, with the eager
-generator in fp32 (``FP16_LOSS_TOLERANCE``, 0.05: 6 of 255 levels of an 8-bit output; random-weight 16 to 64 px
-generators lose 0.004 to 0.014 on a CPU). They are checked on a GPU: torch's CPU half-precision convolutions are so
-slow that ``device=auto`` without CUDA refuses ``dtype=float16`` (an explicit ``device=cpu`` waits for it).
+generator in fp32 (``FP16_LOSS_TOLERANCE``, 0.05: 6 of 255 levels of an 8-bit output; random-weight
+16 to 64 px generators lose 0.004 to 0.014 on a CPU). They are checked on a GPU: torch's CPU
+half-precision convolutions are so slow that ``device=auto`` without CUDA refuses ``dtype=float16``
+(an explicit ``device=cpu`` waits for it).
 An ONNX copy (opset ``ONNX_OPSET``, dynamic batch) is checked the same way with onnxruntime when
 it is installed, within ``ONNX_TOLERANCE`` (fp32: 1e-4): another runtime's kernels sum in another order.
 
