@@ -37,7 +37,7 @@ def test_ddp_two_cpu_processes_see_each_pair_once_per_epoch_and_stay_equal(tmp_p
     # 8 pairs, 2 ranks, 2 pairs per batch: an epoch is 2 steps; 4 steps are 2 epochs
     command = [sys.executable, "train.py", "experiment=smoke", f"data.path={pairs}", f"out_dir={run}",
                "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-               "data.batch_size=2", "data.thresholds={}", "data.holdout_fraction=0", f"data.val_path={pairs}",
+               "data.batch_size=4", "data.thresholds={}", "data.holdout_fraction=0", f"data.val_path={pairs}",
                "distill.lpips_weight=0", "trainer.max_steps=4", "trainer.val_check_interval=2",
                "+callbacks.record._target_=test_distill_ddp.RecordRank", f"+callbacks.record.directory={run}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),

@@ -69,7 +69,6 @@ class Pix2PixZero(Editor):
     def edit(self, batch: EditBatch) -> EditResult:
         start = time.perf_counter()
         bb, size = self.backbone, len(batch.seeds)
-        bb.unet.set_attn_processor(dict(self.processors))  # diffusers pops the entries it installs
         cond = bb.encode_text(batch.prompts)
         if batch.images is None:
             kind, inversion = "synthetic", Inversion(self.initial_noise(batch.seeds), uncond=self.empty_prompt.expand(size, -1, -1))
@@ -104,6 +103,7 @@ class Pix2PixZero(Editor):
         single-sample UNet forwards per pair. `uncond`: one null embedding, or one per step (null-text inversion),
         or None: the caption `cond` is the negative prompt. `offsets` (direct inversion) are added after each step."""
         bb, unet, scheduler, w = self.backbone, self.backbone.unet, self.backbone.scheduler, self.guidance_scale
+        unet.set_attn_processor(dict(self.processors))  # diffusers pops the entries it installs
         negative_is_caption = uncond is None
         uncond_at = (lambda i: cond) if negative_is_caption else (lambda i: uncond[i] if isinstance(uncond, list) else uncond)
         x_ref = x_edit = x_T.float()
