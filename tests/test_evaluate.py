@@ -1,12 +1,16 @@
 """Evaluation: each metric on constructed cases, and the report on tiny shards with a scripted student."""
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from PIL import Image
 from torch import nn
+from torchvision.transforms.functional import pil_to_tensor
 
 from datagen.shards import finished_shards
 from distill.losses import build_lpips, psnr
@@ -141,33 +145,69 @@ def evaluate_config(tmp_path: Path, *overrides: str):
         return compose("evaluate", overrides=[f"data.path={tmp_path / 'run'}", f"out={tmp_path / 'report'}", "device=cpu", *overrides])
 
 
-def test_report_on_tiny_shards_has_one_row_per_metric_matching_the_json(tmp_path):
+def shard_pairs(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """key -> {"input", "edited"}: 3 x H x W in [0, 1], read from the finished shards with tarfile and PIL alone."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for shard in sorted((run_dir / "shards").glob("pairs-*.tar")):
+        with tarfile.open(shard) as archive:
+            for member in archive.getmembers():
+                key, _, suffix = member.name.partition(".")
+                if suffix.endswith(".png"):
+                    image = Image.open(archive.extractfile(member)).convert("RGB")
+                    pairs.setdefault(key, {})[suffix.removesuffix(".png")] = pil_to_tensor(image).float() / 255
+    return pairs
+
+
+def greener_than_red(images: torch.Tensor) -> float:
+    """CLIP Acc under MeanColourClip with source "red", target "green": the share (%) of images, B x 3 x H x W in
+    [0, 1], whose mean colour is closer in angle to green than to red, i.e. whose mean green exceeds their mean red."""
+    red, green, _ = images.mean(dim=(2, 3)).unbind(1)
+    return 100 * (green > red).float().mean().item()
+
+
+def test_report_on_tiny_shards_gives_the_metrics_recomputed_from_the_pairs(tmp_path):
+    """CLIP Acc of teacher and student and the student's L1 to the teacher, recomputed here from the shards' PNGs and
+    the exported student alone. The run's CLIP is MeanColourClip with source "red", target "green": on random
+    images the margins straddle 0 (measured: 3 of 6 teacher edits), so a flipped sign or a wrong share shows."""
     keys = write_run(tmp_path / "run", [{"seg_iou": 0.9, "clip_gain": 0.2}], resolution=32)
+    config = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    config.model.scorers.clip = {"_target_": "test_evaluate.MeanColourClip"}
+    config.task.source_text, config.task.target_text = "red", "green"
+    OmegaConf.save(config, tmp_path / "run" / "config.yaml")
     student = scripted_student(tmp_path / "generator.ts")  # 64 px: the 32 px inputs are resized up for it
     [report] = run(evaluate_config(tmp_path, f"student={student}", "batch_size=4", "cases=2"))
-
     document = json.loads((report.parent / "report.json").read_text())
-    assert document["pairs"] == len(keys) and document["thresholds"] == {"seg_iou": 0.7, "clip_gain": 0.1}
+    metrics = document["metrics"]
+
+    pairs = shard_pairs(tmp_path / "run")
+    assert document["pairs"] == len(keys) == len(pairs) and document["thresholds"] == {"seg_iou": 0.7, "clip_gain": 0.1}
+    inputs, edited = (torch.stack([pairs[key][kind] for key in keys]) for kind in ("input", "edited"))
+    # the student sees the inputs, and is compared with the edits, resized to its 64 px (bicubic, antialiased)
+    resized = [F.interpolate(x * 2 - 1, size=64, mode="bicubic", antialias=True).clamp(-1, 1) for x in (inputs, edited)]
+    with torch.no_grad():
+        outputs = torch.jit.load(str(student))(resized[0])
+    teacher_acc = greener_than_red(edited)
+    assert 0 < teacher_acc < 100, teacher_acc
+    assert metrics["clip_acc"] == {"teacher": teacher_acc, "student": greener_than_red((outputs + 1) / 2)}
+    l1 = (outputs - resized[1]).abs().mean().item()
+    assert metrics["l1_to_teacher"]["student"] == pytest.approx(l1, rel=1e-5, abs=0)
+    # the controls: the L1 to the input, or to the edit not resized the student's way, would fail the check above
+    assert abs((outputs - resized[0]).abs().mean().item() - l1) > 1e-3 * l1
+    nearest = F.interpolate(edited * 2 - 1, size=64, mode="nearest")
+    assert abs((outputs - nearest).abs().mean().item() - l1) > 1e-3 * l1
+
     rows = [line for line in report.read_text().splitlines() if line.startswith("| ") and not line.startswith("| metric")]
-    assert len(rows) == len(METRICS) == len(document["metrics"])
+    assert len(rows) == len(METRICS) == len(metrics)
     for metric, row in zip(METRICS, rows):
         label, *cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert label.startswith(metric.label)
-        values = document["metrics"][metric.name]
         for method, cell in zip(("teacher", "student"), cells):
-            if method in values:
-                assert float(cell) == pytest.approx(values[method], abs=0.51 * 10 ** -metric.decimals)
-            else:
-                assert cell == "-"
-    assert 0 <= document["metrics"]["clip_acc"]["teacher"] <= 100 and document["metrics"]["images_per_second"]["student"] > 0
+            expected = metrics[metric.name].get(method)
+            assert cell == "-" if expected is None else float(cell) == pytest.approx(expected, abs=0.51 * 10 ** -metric.decimals)
     records = finished_shards(tmp_path / "run").values()
-    assert document["metrics"]["images_per_second"]["teacher"] == pytest.approx(
-        sum(r.count for r in records) / sum(r.seconds for r in records))
-
-    pairs = [json.loads(line) for line in (report.parent / "pairs.jsonl").read_text().splitlines()]
-    assert [pair["key"] for pair in pairs] == keys
-    mean_l1 = sum(pair["student"]["l1_to_teacher"] for pair in pairs) / len(pairs)
-    assert document["metrics"]["l1_to_teacher"]["student"] == pytest.approx(mean_l1)
+    assert metrics["images_per_second"]["teacher"] == pytest.approx(sum(r.count for r in records) / sum(r.seconds for r in records))
+    assert metrics["images_per_second"]["student"] > 0
+    assert [json.loads(line)["key"] for line in (report.parent / "pairs.jsonl").read_text().splitlines()] == keys
     assert set(document["cases"]) == {f"teacher_{c}" for c in ("clip_margin", "structure_dist", "bg_lpips")} | {
         f"student_{c}" for c in ("clip_margin", "structure_dist", "bg_lpips", "lpips_to_teacher", "l1_to_teacher", "psnr_to_teacher")}
     for grid in document["cases"].values():
