@@ -189,11 +189,23 @@ def test_eval_is_deterministic_and_training_noise_is_not():
 
 
 def test_training_tracks_w_avg_for_eval():
-    G = tiny_generator(16).train()
+    """w_avg is StyleGAN's running mean of the mapped latents: from 0, each training forward moves it a share
+    1 - beta of the way to its batch's mean w (beta 0.75 here, so that a wrong direction or share shows); eval
+    forwards, with or without z, leave it, and without z eval styles every sample with it."""
+    G = tiny_generator(16, w_avg_beta=0.75).train()
     assert torch.count_nonzero(G.w_avg) == 0
+    x, (z1, z2) = images(2, 16), torch.randn(2, 2, TINY["z_dim"], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        G(images(2, 16))
-    assert torch.count_nonzero(G.w_avg) > 0
+        G(x, z1), G(x, z2)
+        w1, w2 = G.mapping(z1).mean(0), G.mapping(z2).mean(0)
+        torch.testing.assert_close(G.w_avg, 0.75 * (0.25 * w1) + 0.25 * w2)
+        tracked = G.w_avg.clone()
+        G.eval()
+        G(x, z1)
+        skips, code = G.encoder(x)
+        styled = G.decoder(code, skips, torch.cat([tracked.expand(len(x), -1), code], dim=1)).clamp(-1, 1)
+        torch.testing.assert_close(G(x), styled, atol=0, rtol=0)
+    assert torch.equal(G.w_avg, tracked)
 
 
 def test_torchscript_matches_eager():
