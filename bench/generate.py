@@ -31,8 +31,9 @@ from bench.reference import AutogradRegularizer, ReferenceEditor
 from bench.report import Report, script_arguments, set_threads
 from datagen.backbone import Backbone, tiny_backbone
 from datagen.runtime import resolve_device
-from datagen.editor import EditBatch, Pix2PixZero
-from datagen.inversion import NoiseRegularizer
+from datagen.editors.base import EditBatch
+from datagen.editors.pix2pix_zero import Pix2PixZero
+from datagen.inversions.ddim import NoiseRegularizer
 
 PAPER_PAIRS, PAPER_STEPS = 15_000, 100
 PROMPT = "a photo of a cat sitting on a sofa"

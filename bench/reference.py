@@ -27,7 +27,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from datagen.backbone import Backbone
-from datagen.inversion import NoiseRegularizer, PyramidRolls, autocorrelation_loss, ddim_invert, kl_loss
+from datagen.inversions.ddim import NoiseRegularizer, PyramidRolls, autocorrelation_loss, ddim_invert, kl_loss
 
 
 def autograd_grad(loss: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:

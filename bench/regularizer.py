@@ -4,7 +4,7 @@
     python -m bench.regularizer --smoke    # 4 x 16 x 16, batches 1 and 2: seconds on a CPU
 
 One call regularizes one inversion step's noise: 5 x (5 autocorrelation steps + 1 KL step) over a 4-level
-pyramid, no UNet. Ours (`datagen.inversion.NoiseRegularizer`) draws the offsets of the whole call at once,
+pyramid, no UNet. Ours (`datagen.inversions.ddim.NoiseRegularizer`) draws the offsets of the whole call at once,
 copies them to the device once without waiting, and steps on written-out gradients; the reference
 (`bench.reference.AutogradRegularizer`, as the official code) takes each gradient with autograd. On a GPU such
 small maps make the call launch-bound: the ops it dispatches, and the times it makes the host wait for the
@@ -21,7 +21,7 @@ import torch
 from bench.measure import OpCount, count_syncs, latency
 from bench.reference import AutogradRegularizer
 from bench.report import Report, script_arguments, set_threads
-from datagen.inversion import NoiseRegularizer
+from datagen.inversions.ddim import NoiseRegularizer
 from datagen.runtime import resolve_device
 
 TABLE = "Noise regularizer, one inversion step"

@@ -5,8 +5,9 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from bench.generate import SMOKE_SHARPENING, sharpen_cross_attention
-from datagen.editor import EditBatch, Pix2PixZero
-from datagen.inversion import NoiseRegularizer, ddim_invert
+from datagen.editors.base import EditBatch
+from datagen.editors.pix2pix_zero import Pix2PixZero
+from datagen.inversions.ddim import NoiseRegularizer, ddim_invert
 from engine_fixtures import RESOLUTION, make_backbone, random_direction, smooth_backbone
 
 STEPS = 8

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from datagen import launch
-from datagen.editor import Pix2PixZero
+from datagen.editors.pix2pix_zero import Pix2PixZero
 from datagen.shards import ShardWriter, finished_shards, read_jsonl
 from datagen.verify import verify_run
 from test_generate import REPO, TINY, generate_config

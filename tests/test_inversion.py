@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datagen.inversion import (NoiseRegularizer, PyramidRolls, autocorrelation_grad, autocorrelation_loss, ddim_invert,
+from datagen.inversions.ddim import (NoiseRegularizer, PyramidRolls, autocorrelation_grad, autocorrelation_loss, ddim_invert,
                                draw_shifts, kl_grad, kl_loss)
 from engine_fixtures import TimeOnlyUNet, make_backbone
 
@@ -107,7 +107,7 @@ def test_inversion_then_reconstruction_returns_the_input():
     (1e-5 relative). Any misalignment of the inverse and forward timesteps breaks this by orders of
     magnitude, because eps varies with t. (A random-weight UNet is no smooth function of x_t: its round
     trip is off by ~100%, so it cannot stand in for a trained one here.)"""
-    from datagen.editor import Pix2PixZero
+    from datagen.editors.pix2pix_zero import Pix2PixZero
 
     bb = make_backbone()
     bb.unet = TimeOnlyUNet(bb.unet)

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 import datagen.config  # noqa: F401  (the ${repo:} resolver)
 from datagen.backbone import Backbone, load_backbone
 from datagen.editors.base import denoise
-from datagen.inversion import ddim_trajectory
+from datagen.inversions.ddim import ddim_trajectory
 from datagen.inversions import Inversion, make_inverter
 from engine_fixtures import RESOLUTION, make_backbone
 from toyworld.models import WEIGHTS

@@ -12,8 +12,8 @@ from hydra.utils import instantiate
 import datagen.config  # noqa: F401  (the ${repo:} resolver)
 from datagen.backbone import load_backbone
 from datagen.directions import edit_direction
-from datagen.editor import EditBatch
-from datagen.inversion import ddim_invert
+from datagen.editors.base import EditBatch
+from datagen.inversions.ddim import ddim_invert
 from datagen.sources import SyntheticSource
 from filters.score import build_scorer
 from toyworld.render import render

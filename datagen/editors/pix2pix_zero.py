@@ -19,7 +19,7 @@ import torch
 from datagen.attention import MapDistance, MapRecorder, controlled_processors
 from datagen.backbone import Backbone, timesteps_for
 from datagen.editors.base import EditBatch, Editor, EditResult, compiled, finite_rows, guided_noise, initial_noise
-from datagen.inversion import NoiseRegularizer
+from datagen.inversions.ddim import NoiseRegularizer
 from datagen.inversions import Inversion, make_inverter
 
 

@@ -10,7 +10,7 @@ import torch
 
 from datagen.backbone import Backbone
 from datagen.editors.base import denoise
-from datagen.inversion import NoiseRegularizer, ddim_trajectory
+from datagen.inversions.ddim import NoiseRegularizer, ddim_trajectory
 from datagen.inversions import Inversion, Inverter
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from datagen.backbone import Backbone, timesteps_for
-from datagen.inversion import ddim_trajectory
+from datagen.inversions.ddim import ddim_trajectory
 from datagen.inversions import Inversion, Inverter
 
 
