@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from datagen import launch
@@ -223,3 +224,56 @@ def test_folder_with_bad_files_makes_pairs_of_the_good_ones_and_logs_the_rest(tm
     assert stats["written"] == 4 and stats["rejected"] == {"empty file": 1, "too large": 1, "too small": 1, "unreadable": 2}
     assert "rejected             5 (empty file 1, too large 1, too small 1, unreadable 2)" in capsys.readouterr().out
     assert verify_run(tmp_path / "run").ok  # pairs + rejects account for every sample index
+
+
+# The other teachers through the same worker, on captioned real images (their inversion path): one step each.
+EDITOR_STEPS = {"p2p": ["editor.num_inference_steps=1"], "word_swap": ["editor.num_inference_steps=1"],
+                "sdedit": ["editor.num_inference_steps=2", "editor.strength=0.5"],
+                "pix2pix_zero": ["editor.inversion=direct"]}
+CAPTIONS = ["a photo of a cat", "a cat on a sofa", "a black cat", "a small cat in the snow", "a photo of a dog"]
+
+
+def editor_config(out_dir: Path, cache_dir: Path, images: Path, editor: str):
+    """TINY with `editor` and its own step settings, over `images` in shards of 2."""
+    tiny = [o for o in TINY if not o.startswith("editor.")] if editor != "pix2pix_zero" else TINY
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose("generate", [*tiny, f"editor={editor}", *EDITOR_STEPS[editor], f"out_dir={out_dir}",
+                                    f"cache_dir={cache_dir}", "source=folder", f"source.path={images}", "num_pairs=5",
+                                    "shard_size=2", "batch_size=2"])
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory) -> Path:
+    """Five images with their captions beside them; the last caption has no "cat" for cat2dog's swap to edit."""
+    images = tmp_path_factory.mktemp("captioned")
+    generator = np.random.default_rng(0)
+    for i, caption in enumerate(CAPTIONS):
+        Image.fromarray(generator.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(caption)
+    return images
+
+
+@pytest.mark.parametrize("editor", ["p2p", "word_swap", "sdedit", "pix2pix_zero"])
+def test_every_editor_writes_pairs_and_a_killed_run_resumes_to_the_same_bytes(tmp_path, cache_dir, captioned, editor):
+    launch.run_workers(editor_config(tmp_path / "unbroken", cache_dir, captioned, editor), NO_LAUNCHER)
+    unbroken = pairs(tmp_path / "unbroken")
+    edited = ["0.png", "1.png", "2.png", "3.png"] + (["4.png"] if editor == "pix2pix_zero" else [])
+    assert sorted(sample["json"]["source"] for sample in unbroken.values()) == edited
+    target = {s["json"]["caption"]: s["json"].get("target_prompt") for s in unbroken.values()}
+    if editor == "pix2pix_zero":  # edits along its direction: it needs no target prompt, so takes the dog too
+        assert set(target.values()) == {None}
+        assert {s["json"]["inversion"]["method"] for s in unbroken.values()} == {"direct"}
+    else:
+        assert target["a small cat in the snow"] == "a small dog in the snow"
+    rejects = read_jsonl(tmp_path / "unbroken" / "rejects.jsonl")
+    expected_rejects = [(4, "prompt not editable")] if editor != "pix2pix_zero" else []
+    assert [(row["index"], row["reason"]) for row in rejects] == expected_rejects
+    assert verify_run(tmp_path / "unbroken").ok
+
+    cfg = editor_config(tmp_path / "run", cache_dir, captioned, editor)
+    worker = multiprocessing.get_context("forkserver").Process(target=killed_on_second_write, args=(cfg,))
+    worker.start()
+    worker.join()
+    assert worker.exitcode == -signal.SIGKILL and sorted(finished_shards(tmp_path / "run")) == [0]
+    launch.run_workers(cfg, NO_LAUNCHER)
+    assert pairs(tmp_path / "run") == unbroken
