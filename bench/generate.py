@@ -3,6 +3,8 @@
     python -m bench.generate                    # SD-1.4-size random UNet on a GPU, a small one on the CPU
     python -m bench.generate --smoke            # tiny components (cross-attention sharpened), 2 steps: seconds on a CPU
     python -m bench.generate --compile          # also ours with its UNet under torch.compile (largest batch)
+    python -m bench.generate --editor p2p sdedit p2p:null_text   # other teachers (conf/editor/), beside pix2pix-zero
+    python -m bench.generate --editor all       # every teacher with every inversion it takes
 
 First both editors make the same pair from the same input (max abs difference printed): equal outputs are what make
 the time ratio fair. Then, per precision and batch: seconds per pair, UNet evaluations per pair (counted by a hook,
@@ -12,6 +14,11 @@ formulas over 1- and 2-step runs, scaled to the run's steps) against the device'
 ratio reference / ours, and the hours 15,000 pairs would take at the paper's 100 inversion + 100 edit steps. The
 compiled editor (generate.py's `compile=true`) is checked against the eager one's pair and timed after its first,
 compiling run.
+
+With `--editor`, each named teacher (a `conf/editor/` config, `NAME:INVERSION` for another inversion of real inputs)
+is timed instead, beside pix2pix-zero in the same run on the same inputs: seconds and UNet evaluations per pair
+(inversion included), and the ratio to pix2pix-zero's seconds. No reference loop exists for them: the tests hold their
+parity (diffusers' img2img for SDEdit, the official control flow for Prompt-to-Prompt).
 """
 from __future__ import annotations
 
@@ -24,23 +31,28 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
+from hydra import compose, initialize_config_dir
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from bench.measure import count_flops, count_syncs, matmul_tflops, peak_memory, seconds, top_kernels
 from bench.reference import AutogradRegularizer, ReferenceEditor
 from bench.report import Report, script_arguments, set_threads
 from datagen.backbone import Backbone, tiny_backbone
+from datagen.editors import build_editor
+from datagen.editors.base import EditBatch, Editor
+from datagen.inversions import INVERTERS
 from datagen.runtime import resolve_device
-from datagen.editors.base import EditBatch
 from datagen.editors.pix2pix_zero import Pix2PixZero
 from datagen.inversions.ddim import NoiseRegularizer
 
 PAPER_PAIRS, PAPER_STEPS = 15_000, 100
-PROMPT = "a photo of a cat sitting on a sofa"
+PROMPT, TARGET_PROMPT = "a photo of a cat sitting on a sofa", "a photo of a dog sitting on a sofa"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REFERENCE_DTYPES = ("fp32", "fp16")  # the official code's default and its option
 PARITY, TIMES, KERNELS = "Same pair from both editors (batch 1)", "Seconds per pair", "Top kernels by self time (1-step run)"
 COMPILED = "Compiled UNet against eager (our editor, largest batch)"
+EDITORS = "Teachers: seconds per pair"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +139,18 @@ class Setup:
 
     def batch(self, first: int, size: int) -> EditBatch:
         images = None if self.images is None else self.images[first : first + size]
-        return EditBatch(list(range(first, first + size)), [PROMPT] * size, images)
+        return EditBatch(list(range(first, first + size)), [PROMPT] * size, images, [TARGET_PROMPT] * size)
+
+    def teacher(self, spec: str) -> Editor:
+        """The teacher `spec` names (`NAME` or `NAME:INVERSION`, NAME a conf/editor config) at the setup's steps."""
+        name, _, inversion = spec.partition(":")
+        cfg = editor_config(name)
+        cfg.num_inference_steps = self.steps
+        if "num_inversion_steps" in cfg:
+            cfg.num_inversion_steps = self.steps
+        if inversion:
+            cfg.inversion = inversion
+        return build_editor(cfg, self.backbone, self.resolution, lambda: self.direction)
 
     def run_ours(self, editor: Pix2PixZero, first: int, size: int) -> torch.Tensor:
         return editor.edit(self.batch(first, size)).edited
@@ -243,6 +266,55 @@ def bench_precision(setup: Setup, dtype_name: str, batches: Sequence[int], repea
                               for kernel in top_kernels(lambda: setup.run_ours(setup.ours(1), 0, max(batches)), device)))
 
 
+def editor_config(name: str):
+    """conf/editor/NAME.yaml as generate.py composes it (its defaults list resolved)."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("generate", [f"editor={name}"]).editor
+
+
+def teacher_specs(requested: Sequence[str]) -> list[str]:
+    """pix2pix-zero first, then the requested teachers; `all`: every conf/editor config with each inversion it takes
+    (presets of another editor, such as `paper`, are left out: they time the same code)."""
+    if list(requested) != ["all"]:
+        return ["pix2pix_zero", *(spec for spec in requested if spec != "pix2pix_zero")]
+    specs, targets = [], set()
+    for path in sorted((CONF / "editor").glob("*.yaml"), key=lambda p: (p.stem != "pix2pix_zero", p.stem)):
+        cfg = editor_config(path.stem)
+        if cfg._target_ in targets:
+            continue
+        targets.add(cfg._target_)
+        specs.append(path.stem)
+        if "inversion" in cfg:
+            specs += [f"{path.stem}:{inversion}" for inversion in INVERTERS if inversion != cfg.inversion]
+    return specs
+
+
+def bench_teachers(setup: Setup, dtype_name: str, specs: Sequence[str], batches: Sequence[int], repeats: int,
+                   warmup: int, report: Report) -> None:
+    """Adds to `report` a row per teacher and batch in one precision: seconds and UNet evaluations per pair, and
+    seconds over pix2pix-zero's (the first spec) at the same batch. A teacher that cannot take an inversion (its
+    constructor says why) gets a row with the reason instead."""
+    device = setup.backbone.device
+    setup.backbone.to(device, DTYPES[dtype_name])
+    baseline: dict[int, float] = {}
+    for spec in specs:
+        try:
+            editor = setup.teacher(spec)
+        except ValueError as error:
+            report.add(EDITORS, {"editor": spec, "precision": dtype_name, "note": str(error).split(":")[0]})
+            continue
+        for batch in batches:
+            call = lambda: setup.run_ours(editor, 0, batch)  # noqa: E731 - timed as a thunk
+            for _ in range(warmup):
+                call()
+            with UNetSampleCounter(setup.backbone.unet) as counter, peak_memory(device) as memory:
+                per_pair = sum(seconds(call, device) for _ in range(repeats)) / (repeats * batch)
+            baseline.setdefault(batch, per_pair)
+            report.add(EDITORS, {"editor": spec, "precision": dtype_name, "batch": batch, "s/pair": per_pair,
+                                 "x pix2pix-zero": per_pair / baseline[batch],
+                                 "UNet evals/pair": counter.count / (repeats * batch), "peak GiB": memory["peak_gib"]})
+
+
 def add_ratios(rows: list[dict]) -> None:
     """ref/ours: the reference's seconds per pair at the same precision (fp16's for bf16) over ours."""
     reference = {row["precision"]: row["s/pair"] for row in rows if row["editor"] == "reference"}
@@ -269,6 +341,9 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--profile", action="store_true", help="also list the top kernels of a 1-step run (torch.profiler)")
     parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                         help="also time our editor with its UNet under torch.compile (default backend: inductor)")
+    parser.add_argument("--editor", nargs="+", metavar="NAME[:INVERSION]",
+                        help="time these teachers (conf/editor/ names; all: every one with every inversion) beside "
+                             "pix2pix-zero, instead of pix2pix-zero against the reference loop")
     return parser
 
 
@@ -303,7 +378,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     report = Report("generate", args.out, device, {
         PARITY: ["precision", "max abs input diff", "max abs edited diff"], TIMES: columns,
         COMPILED: ["precision", "batch", "backend", "first run s", "max abs edited diff"],
-        KERNELS: ["setting", "kernel", "calls", "ms", "share %"]}, notes, smoke=args.smoke)
+        KERNELS: ["setting", "kernel", "calls", "ms", "share %"],
+        EDITORS: ["editor", "precision", "batch", "s/pair", "x pix2pix-zero", "UNet evals/pair", "peak GiB", "note"]},
+        notes, smoke=args.smoke)
+    if args.editor:
+        specs = teacher_specs(args.editor)
+        for name in precisions:
+            bench_teachers(setup, name, specs, args.batches, args.repeats, warmup, report)
+        return report.finish()
     for name in precisions:
         with_reference = not args.no_reference and name in REFERENCE_DTYPES
         bench_precision(setup, name, args.batches, args.repeats, warmup, with_reference, report, args.profile, args.compile)

@@ -6,12 +6,13 @@
 #                                 # (--profile), then fp32
 #   bash bench/gpu.sh generator   # distilled generator: batch sweep, batch 1 in fp32/bf16; training throughput
 #   bash bench/gpu.sh compile     # our editor eager vs its UNet under torch.compile, bf16, batch 8
+#   bash bench/gpu.sh teachers    # every teacher and inversion beside pix2pix-zero, SD-1.4 size, bf16, batch 8
 #   bash bench/gpu.sh toy         # toy world: UNet (3500 x 512) + decoder fine-tune, into $OUT/world
 #
 # Results go to $OUT (default bench/results), with a log per part. Every command runs under `timeout`: each
 # bench script keeps the rows it finished in its JSON, and a toy stage saves what it trained, when cut off.
 set -uo pipefail
-part=${1:?usage: bash bench/gpu.sh generate|generator|compile|toy}
+part=${1:?usage: bash bench/gpu.sh generate|generator|compile|teachers|toy}
 out=${OUT:-bench/results}
 mkdir -p "$out"
 log="$out/gpu-$part.log"
@@ -42,13 +43,17 @@ case $part in
     run 560 -m bench.generate --steps 20 --precisions bf16 --batches 8 --compile --no-reference \
       --out "$out/generate_h100_compile.json"
     ;;
+  teachers)
+    # null-text inversion is ~4x pix2pix-zero's cost: 20 steps keep the whole table under the call's limit
+    run 560 -m bench.generate --editor all --steps 20 --precisions bf16 --batches 8 --out "$out/generate_h100_teachers.json"
+    ;;
   toy)
     # the UNet loads the world's other models from --out: train a copy, bring $OUT/world back
     rm -rf "$out/world" && cp -r toyworld/weights "$out/world"
     run 540 -m toyworld.train --device cuda --out "$out/world" --stages unet vae_decoder
     ;;
   *)
-    echo "unknown part: $part (generate, generator, compile or toy)" >&2
+    echo "unknown part: $part (generate, generator, compile, teachers or toy)" >&2
     exit 2
     ;;
 esac

@@ -23,12 +23,13 @@ import huggingface_hub.utils
 import torch
 import transformers
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from datagen.backbone import load_backbone
 from datagen.directions import bank_path, edit_direction
+from datagen.editors import build_editor
 from datagen.editors.base import EditBatch, Editor
 from datagen.prompts import PromptEdit, PromptNotEditable
 from datagen.shards import ShardWriter, finished_shards
@@ -138,12 +139,9 @@ class Worker:
         cfg = self.cfg = job.cfg
         self.job, self.out_dir = job, out_dir
         backbone = load_backbone(cfg.model, cfg.device)
-        editor_class: type[Editor] = get_class(cfg.editor._target_)
-        extra = {"direction": edit_direction(backbone, cfg.task, cfg.cache_dir)} if editor_class.uses_direction else {}
-        # Partial first: instantiate would turn the Backbone dataclass into a config node.
-        self.editor: Editor = instantiate(cfg.editor, _partial_=True)(
-            backbone=backbone, resolution=cfg.model.resolution, compile=cfg.compile, **extra)
-        self.prompt_edit = PromptEdit.from_task(cfg.task) if editor_class.uses_target_prompts else None
+        self.editor: Editor = build_editor(cfg.editor, backbone, cfg.model.resolution,
+                                           lambda: edit_direction(backbone, cfg.task, cfg.cache_dir), cfg.compile)
+        self.prompt_edit = PromptEdit.from_task(cfg.task) if self.editor.uses_target_prompts else None
         # Scorers run in fp32 whatever the editor's precision: a CLIP gain of 0.10 rests on similarity gaps of ~0.01.
         self.scorer = build_scorer(cfg.model.scorers, cfg.task, backbone.device) if cfg.filters.enabled else None
         self.device = backbone.device

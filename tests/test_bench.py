@@ -97,6 +97,26 @@ def test_generate_smoke_gives_the_reference_pair_and_counts_the_same_unet_work(s
         assert row["h per 15k pairs @100/100"] > row["s/pair"] * 15_000 / 3600  # 100 steps cost more than 2
 
 
+def test_generate_times_other_teachers_beside_pix2pix_zero_and_counts_their_unet_work(smoke_tmp):
+    """--editor: every row's UNet evaluations are counted by a hook on the UNet, and equal what the teacher's loop
+    must run at the smoke's 2 steps on a real input (1 sample per inversion step at guidance 1; 2 guidance halves
+    per sampled row and step)."""
+    result = run_smoke(generate, smoke_tmp, "--editor", "p2p", "word_swap", "sdedit", "pix2pix_zero:negative_prompt")
+    rows = result["tables"]["Teachers: seconds per pair"]["rows"]
+    assert [(row["editor"], row.get("batch")) for row in rows] == [
+        ("pix2pix_zero", 1), ("pix2pix_zero", 2), ("p2p", 1), ("p2p", 2), ("word_swap", 1), ("word_swap", 2),
+        ("sdedit", 1), ("sdedit", 2), ("pix2pix_zero:negative_prompt", None)]
+    evals = {row["editor"]: row["UNet evals/pair"] for row in rows if "batch" in row}
+    assert evals == {"pix2pix_zero": 2 + 2 * (1 + 2 * 2),  # reference once, guidance and guided edit with 2 halves
+                     "p2p": 2 + 2 * 2 * 2,  # source and target rows
+                     "word_swap": 2 + 2 * 2,  # the target row alone: a real input's source row is the image
+                     "sdedit": int(0.8 * 2) * 2}  # strength 0.8 of 2 steps
+    for row in rows[:8]:
+        baseline = next(r for r in rows if r["editor"] == "pix2pix_zero" and r["batch"] == row["batch"])
+        assert row["x pix2pix-zero"] == pytest.approx(row["s/pair"] / baseline["s/pair"])
+    assert "negative prompt" in rows[-1]["note"]  # a teacher that refuses an inversion says why, in its row
+
+
 def test_the_smokes_parity_check_fails_without_the_guidance_or_with_the_papers_update():
     """The parity above has power: in the smoke's setting (sharpened cross-attention, real input) our editor
     without cross-attention guidance, or with the paper's shared update instead of the official code's, is
