@@ -8,6 +8,10 @@ cheap; self-attention maps are HW x HW, so hooks read them only at the resolutio
 Hooks see probabilities as (rows, heads, queries, keys). Rows follow the UNet batch: classifier-free
 guidance runs cat([unconditional rows, conditional rows]), and an editor that runs several prompts per
 input (Prompt-to-Prompt's [source, target]) lays each half out as (inputs, members).
+
+A hook may also rewrite a cross-attention layer's value input (the context its values are projected from;
+the keys keep the text): StyleDiffusion's per-step modulation of the text embedding. Such a layer then
+runs the explicit path too.
 """
 from __future__ import annotations
 
@@ -42,6 +46,14 @@ class AttentionHook:
     def __call__(self, site: Site, probs: torch.Tensor) -> torch.Tensor:
         return probs
 
+    def modulates(self, site: Site) -> bool:
+        """Whether `value_input` rewrites this layer's value input."""
+        return False
+
+    def value_input(self, site: Site, context: torch.Tensor) -> torch.Tensor:
+        """The context (rows x keys x D) this layer's values are projected from; the keys keep `context`."""
+        return context
+
 
 class AttentionControl:
     """The hooks of one UNet's processors for the forwards run inside `using`."""
@@ -66,22 +78,33 @@ class AttentionControl:
                 probs = hook(site, probs)
         return probs
 
+    def modulates(self, site: Site) -> bool:
+        return any(hook.modulates(site) for hook in self.hooks)
+
+    def value_input(self, site: Site, context: torch.Tensor) -> torch.Tensor:
+        for hook in self.hooks:
+            if hook.modulates(site):
+                context = hook.value_input(site, context)
+        return context
+
 
 class ControlledAttnProcessor:
-    """Fused SDPA unless a hook reads this layer; then explicit probabilities, passed through the hooks."""
+    """Fused SDPA unless a hook reads this layer or rewrites its value input; then explicit probabilities, passed
+    through the hooks, and values projected from the hooks' value input."""
 
     def __init__(self, site: Site, control: AttentionControl) -> None:
         self.site, self.control, self.fused = site, control, AttnProcessor2_0()
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        if not self.control.reads(self.site, hidden_states.shape[1]):
+        modulated = self.control.modulates(self.site)
+        if not modulated and not self.control.reads(self.site, hidden_states.shape[1]):
             return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         assert hidden_states.ndim == 3 and not attn.norm_cross and attn.spatial_norm is None and attn.group_norm is None
         residual, context = hidden_states, hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B*heads, HW, d)
         key = attn.head_to_batch_dim(attn.to_k(context))  # (B*heads, keys, d)
-        value = attn.head_to_batch_dim(attn.to_v(context))
+        value = attn.head_to_batch_dim(attn.to_v(self.control.value_input(self.site, context) if modulated else context))
         probs = attn.get_attention_scores(query, key, None)  # (B*heads, HW, keys)
         rows = probs.shape[0] // attn.heads
         probs = self.control(self.site, probs.view(rows, attn.heads, *probs.shape[1:])).flatten(0, 1)
@@ -121,6 +144,22 @@ class MapRecorder(AttentionHook):
     def __call__(self, site: Site, probs: torch.Tensor) -> torch.Tensor:
         self.maps[site.name] = probs if self.grad else probs.detach()
         return probs
+
+
+@dataclass(eq=False)
+class ValueModulation(AttentionHook):
+    """StyleDiffusion's value input at every cross-attention layer: each row's context c becomes c * scale + shift
+    (keys keep c). `scale` and `shift` are rows x keys x D (rows as the UNet batch; a row left alone has scale 1
+    and shift 0, which leaves c exactly), set before each forward; `scale` None: off."""
+
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+
+    def modulates(self, site: Site) -> bool:
+        return site.cross and self.scale is not None
+
+    def value_input(self, site: Site, context: torch.Tensor) -> torch.Tensor:
+        return context * self.scale.to(context.dtype) + self.shift.to(context.dtype)
 
 
 @dataclass(eq=False)

@@ -140,7 +140,8 @@ class Worker:
         self.job, self.out_dir = job, out_dir
         backbone = load_backbone(cfg.model, cfg.device)
         self.editor: Editor = build_editor(cfg.editor, backbone, cfg.model.resolution,
-                                           lambda: edit_direction(backbone, cfg.task, cfg.cache_dir), cfg.compile)
+                                           lambda: edit_direction(backbone, cfg.task, cfg.cache_dir), cfg.compile,
+                                           cfg.cache_dir)
         self.prompt_edit = PromptEdit.from_task(cfg.task) if self.editor.uses_target_prompts else None
         # Scorers run in fp32 whatever the editor's precision: a CLIP gain of 0.10 rests on similarity gaps of ~0.01.
         self.scorer = build_scorer(cfg.model.scorers, cfg.task, backbone.device) if cfg.filters.enabled else None

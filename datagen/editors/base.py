@@ -40,6 +40,7 @@ class Editor(ABC):
 
     uses_direction: ClassVar[bool] = False  # takes `direction`, the task's edit direction in text-embedding space
     uses_target_prompts: ClassVar[bool] = False  # needs `EditBatch.target_prompts`
+    uses_cache_dir: ClassVar[bool] = False  # takes `cache_dir`, the run's cache folder (reusable inversions)
 
     @abstractmethod
     def edit(self, batch: EditBatch) -> EditResult: ...

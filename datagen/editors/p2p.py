@@ -14,7 +14,7 @@ Only the layers a hook reads at a step compute explicit attention; everything el
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 from typing import Any
@@ -26,7 +26,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from datagen.attention import AttentionHook, CrossMapEdit, MapInjection, Site, controlled_processors
 from datagen.backbone import Backbone
 from datagen.editors.base import EditBatch, Editor, EditResult, compiled, denoise, finite_rows, initial_noise
-from datagen.inversions import Inversion, make_inverter
+from datagen.inversions import Inversion, Inverter, make_inverter
 from datagen.prompts import (FUNCTION_WORDS, choose_mode, cross_replace_alphas, refine_alignment, replace_mapper,
                              reweight_vector, word_token_indices)
 
@@ -170,7 +170,7 @@ class PromptToPrompt(Editor):
         blend_threshold: float = 0.3,
         blend_start: float = 0.2,
         blend_resolution: int | None = None,
-        inversion: str = "ddim",
+        inversion: str | Inverter = "ddim",
         inversion_options: Mapping[str, Any] | None = None,
         compile: bool | Mapping[str, Any] = False,
     ) -> None:
@@ -189,7 +189,7 @@ class PromptToPrompt(Editor):
         self.self_steps = range(int(num_inference_steps * start), int(num_inference_steps * end))  # the official int(N s)
         self.local_blend, self.blend_threshold = local_blend, blend_threshold
         self.blend_start = int(blend_start * num_inference_steps)  # the official counter > int(0.2 N)
-        self.inverter = make_inverter(inversion, **dict(inversion_options or {}))
+        self.inverter = inversion if isinstance(inversion, Inverter) else make_inverter(inversion, **dict(inversion_options or {}))
         self.control, self.processors = controlled_processors(backbone.unet)
         # One hook object of each kind for the editor's life: a compiled UNet meets the objects it was traced with.
         self.injection = MapInjection(halves=halves, self_max_queries=self_max_queries)
@@ -203,9 +203,7 @@ class PromptToPrompt(Editor):
         modes = [choose_mode(s, t, tokenizer) if self.mode == "auto" else self.mode for s, t in zip(sources, targets)]
         edits = [replace_mapper(s, t, tokenizer) if mode == "replace" else refine_alignment(s, t, tokenizer)
                  for s, t, mode in zip(sources, targets, modes)]
-        reweight = None  # B x 77
-        if self.reweight is not None:
-            reweight = torch.stack([reweight_vector(t, self.reweight, tokenizer) for t in targets])
+        reweight = self.reweights(sources, targets)
         pairs = list(zip(sources, targets))
         alphas = cross_replace_alphas(self.num_inference_steps, pairs, self.cross_replace_steps, tokenizer)  # (N+1) x B x 77
         words = indicator = None
@@ -220,6 +218,36 @@ class PromptToPrompt(Editor):
         return Plan(modes, words, cross_map_edit(edits, reweight, bb.device, bb.dtype), alphas.to(bb.device, bb.dtype),
                     alphas.flatten(1).any(1).tolist(), indicator)
 
+    def reweights(self, sources: list[str], targets: list[str]) -> torch.Tensor | None:
+        """The batch's equalizer on the targets' tokens (B x 77), or None: no reweighting."""
+        if self.reweight is None:
+            return None
+        return torch.stack([reweight_vector(t, self.reweight, self.backbone.tokenizer) for t in targets])
+
+    def invert(self, batch: EditBatch, cond: torch.Tensor, null: torch.Tensor) -> Inversion:
+        """Where each input's rows start: x_T from its seed, or the inversion of its real image (`cond` its caption's
+        embedding, `null` the null embedding, B x 77 x D each)."""
+        bb = self.backbone
+        if batch.images is None:
+            return Inversion(initial_noise(bb, batch.seeds, self.resolution))
+        generators = [torch.Generator().manual_seed(seed) for seed in batch.seeds]
+        latents = bb.encode_images(batch.images * 2 - 1)
+        return self.inverter(bb, latents, cond, null, self.num_inference_steps, self.guidance_scale, generators)
+
+    def controls(self, plan: Plan, inversion: Inversion, size: int) -> tuple[tuple[AttentionHook, ...], Callable[[int], None]]:
+        """The hooks of one batch's sampling run and what sets them before step i."""
+        self.injection.cross_edit, hooks = plan.cross_edit, (self.injection,)
+        if self.word_maps is not None:
+            self.word_maps.words = plan.word_indicator
+            self.word_maps.total = torch.zeros(2 * size, self.word_maps.side ** 2, device=self.backbone.device)
+            hooks += (self.word_maps,)
+
+        def before_step(i: int) -> None:
+            self.injection.cross_alpha = plan.cross_alphas[i] if plan.cross_on[i] else None  # B x 77
+            self.injection.self_active = i in self.self_steps
+
+        return hooks, before_step
+
     def record(self, plan: Plan | None, b: int) -> dict:
         """What input b's json says about its edit."""
         return {"p2p": {"mode": plan.modes[b], "blend_words": None if plan.words is None else list(plan.words[b])}}
@@ -233,12 +261,7 @@ class PromptToPrompt(Editor):
         sources, targets = list(batch.prompts), list(batch.target_prompts)
         cond_source, cond_target = bb.encode_text(sources), bb.encode_text(targets)  # B x 77 x D each
         null = self.null.expand(size, -1, -1)
-        if batch.images is None:
-            inversion = Inversion(initial_noise(bb, batch.seeds, self.resolution))
-        else:
-            generators = [torch.Generator().manual_seed(seed) for seed in batch.seeds]
-            latents = bb.encode_images(batch.images * 2 - 1)
-            inversion = self.inverter(bb, latents, cond_source, null, steps, w, generators)
+        inversion = self.invert(batch, cond_source, null)
         plan = self.plan(sources, targets)
         # Rows per input: [source, target]; without controls a real input's source row cannot reach its target,
         # and the input image is the real one, so the target samples alone.
@@ -253,17 +276,7 @@ class PromptToPrompt(Editor):
         uncond = null.repeat_interleave(members, 0)
         if inversion.uncond is not None:
             uncond = [u.repeat_interleave(members, 0) for u in inversion.uncond]
-        hooks: tuple[AttentionHook, ...] = ()
-        if plan is not None:
-            self.injection.cross_edit, hooks = plan.cross_edit, (self.injection,)
-            if self.word_maps is not None:
-                self.word_maps.words = plan.word_indicator
-                self.word_maps.total = torch.zeros(2 * size, self.word_maps.side ** 2, device=bb.device)
-                hooks += (self.word_maps,)
-
-        def before_step(i: int) -> None:
-            self.injection.cross_alpha = plan.cross_alphas[i] if plan.cross_on[i] else None  # B x 77
-            self.injection.self_active = i in self.self_steps
+        hooks, before_step = self.controls(plan, inversion, size) if plan is not None else ((), None)
 
         def after_step(i: int, x: torch.Tensor) -> torch.Tensor:
             x = x.view(size, members, *x.shape[1:])  # B x members x C x h x w
@@ -275,7 +288,7 @@ class PromptToPrompt(Editor):
 
         with self.control.using(*hooks):
             x_0 = denoise(bb, inversion.x_T.repeat_interleave(members, 0), cond, uncond, w, steps,
-                          before_step=before_step if plan is not None else None, after_step=after_step)
+                          before_step=before_step, after_step=after_step)
         x_0 = x_0.view(size, members, *x_0.shape[1:])  # B x members x C x h x w
         edited = bb.decode_latents(x_0[:, -1])
         inputs = batch.images.float() if batch.images is not None else bb.decode_latents(x_0[:, 0])

@@ -5,6 +5,10 @@ sampling starts, and what keeps the source branch on the image while the editor 
 - `null_text`: DDIM inversion, then a per-step null embedding optimised so guided sampling retraces it.
 - `negative_prompt`: the source prompt as every step's null embedding, no optimisation.
 - `direct`: per-step offsets that put the source branch back on the inversion trajectory.
+
+StyleDiffusion's inversion (`stylediffusion.py`: per-step mapping networks from the image's CLIP tokens to the
+value input of the cross-attention layers) is editor=stylediffusion's own, not a choice for the others: it needs
+the image itself and an editor that applies the value input.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ class Inversion:
     x_T: torch.Tensor  # B x C x h x w, fp32
     uncond: list[torch.Tensor] | None = None  # per sampling step, B x 77 x D: the source's null embedding
     offsets: list[torch.Tensor] | None = None  # per sampling step, B x C x h x w, added to the source branch after it
+    # per sampling step, (scale, shift), B x 77 x D each: the conditional branch's value input c * scale + shift
+    values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     unet_evals: int = 0  # single-sample UNet forwards per input
     records: list[dict] = field(default_factory=list)  # per input, for the pair's json
 
