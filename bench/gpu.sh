@@ -7,12 +7,13 @@
 #   bash bench/gpu.sh generator   # distilled generator: batch sweep, batch 1 in fp32/bf16; training throughput
 #   bash bench/gpu.sh compile     # our editor eager vs its UNet under torch.compile, bf16, batch 8
 #   bash bench/gpu.sh teachers    # every teacher and inversion beside pix2pix-zero, SD-1.4 size, bf16, batch 8
+#   bash bench/gpu.sh stylediffusion  # StyleDiffusion beside null-text inversion, SD-1.4 size, bf16, 512 px
 #   bash bench/gpu.sh toy         # toy world: UNet (3500 x 512) + decoder fine-tune, into $OUT/world
 #
 # Results go to $OUT (default bench/results), with a log per part. Every command runs under `timeout`: each
 # bench script keeps the rows it finished in its JSON, and a toy stage saves what it trained, when cut off.
 set -uo pipefail
-part=${1:?usage: bash bench/gpu.sh generate|generator|compile|teachers|toy}
+part=${1:?usage: bash bench/gpu.sh generate|generator|compile|teachers|stylediffusion|toy}
 out=${OUT:-bench/results}
 mkdir -p "$out"
 log="$out/gpu-$part.log"
@@ -47,13 +48,23 @@ case $part in
     # null-text inversion is ~4x pix2pix-zero's cost: 20 steps keep the whole table under the call's limit
     run 560 -m bench.generate --editor all --steps 20 --precisions bf16 --batches 8 --out "$out/generate_h100_teachers.json"
     ;;
+  stylediffusion)
+    # Up to 1015 UNet forward+backward passes per image at its 30 steps (K_i = 100, 91, ...): s/pair is the inversion
+    # plus the edit (the edit alone: s/pair - the inversion's "seconds" in a sample's json), UNet evals counted by a
+    # hook; peak GiB at batch 8 tells what fits a 24 / 80 GB card. Not measured yet; no warm-up (minutes per row).
+    run 560 -m bench.generate --editor stylediffusion p2p:null_text --steps 30 --precisions bf16 --batches 1 \
+      --warmup 0 --out "$out/generate_h100_stylediffusion.json"
+    # the first 10 steps are 2/3 of the inversion's work (668 of 1015 inner steps): the memory of larger batches
+    run 560 -m bench.generate --editor stylediffusion --steps 10 --precisions bf16 --batches 4 8 --warmup 0 \
+      --out "$out/generate_h100_stylediffusion_batch.json"
+    ;;
   toy)
     # the UNet loads the world's other models from --out: train a copy, bring $OUT/world back
     rm -rf "$out/world" && cp -r toyworld/weights "$out/world"
     run 540 -m toyworld.train --device cuda --out "$out/world" --stages unet vae_decoder
     ;;
   *)
-    echo "unknown part: $part (generate, generator, compile, teachers or toy)" >&2
+    echo "unknown part: $part (generate, generator, compile, teachers, stylediffusion or toy)" >&2
     exit 2
     ;;
 esac

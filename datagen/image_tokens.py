@@ -49,21 +49,31 @@ class ImageTokens:
         return tokens
 
 
-def random_tower(width: int, seed: int = 0) -> CLIPVisionModel:
-    """A tiny random ViT for tests and `model=tiny`: 32 px, patch 8 (17 tokens), `width` wide."""
+def random_tower(width: int, size: str = "tiny", seed: int = 0) -> CLIPVisionModel:
+    """A random ViT: "tiny" (tests, model=tiny) 32 px, patch 8 (17 tokens), `width` wide; "vit-b/16" the shape of
+    openai/clip-vit-base-patch16 (224 px, 197 tokens, 768 wide, 12 layers), for benchmarks on random SD-shaped
+    weights."""
+    shape = {"tiny": dict(image_size=32, patch_size=8, hidden_size=width, intermediate_size=2 * width,
+                          num_hidden_layers=2, num_attention_heads=2),
+             "vit-b/16": dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,
+                              num_hidden_layers=12, num_attention_heads=12)}[size]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=width, intermediate_size=2 * width,
-                                                num_hidden_layers=2, num_attention_heads=2))
+        return CLIPVisionModel(CLIPVisionConfig(**shape))
+
+
+# Backbones of random weights (datagen.backbone.tiny_backbone, bench's SD-shaped one) get a random tower
+RANDOM_TOWERS = {"tiny": "tiny", "random-sd": "vit-b/16"}
 
 
 def image_tokens_for(backbone: Backbone, source: str | None = None) -> ImageTokens:
     """The image encoder `source` (a hub id or folder holding a CLIP or CLIP vision model), by default the model's:
-    the toy world's own CLIP for model=toy, a random tiny tower for model=tiny, openai/clip-vit-base-patch16 for SD.
+    the toy world's own CLIP for model=toy, openai/clip-vit-base-patch16 for SD, a random tower for random weights.
     On the backbone's device and in its precision (the code runs CLIP in fp16 on CUDA)."""
     width = backbone.text_encoder.config.hidden_size
-    if source is None and backbone.name == "tiny":
-        model, mean, std, name = random_tower(width), [0.5] * 3, [0.5] * 3, "random-tiny"
+    if source is None and backbone.name in RANDOM_TOWERS:
+        model, mean, std = random_tower(width, RANDOM_TOWERS[backbone.name]), [0.5] * 3, [0.5] * 3
+        name = f"random-{RANDOM_TOWERS[backbone.name]}"
     else:
         source = source or (str(TOY_ENCODER) if backbone.name == "toy" else SD_ENCODER)
         verbosity = transformers.logging.get_verbosity()
