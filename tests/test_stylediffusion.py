@@ -10,6 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from torchvision.utils import save_image
 
 import datagen.config  # noqa: F401  (the ${repo:} resolver)
 import datagen.editors.p2p as p2p
@@ -495,3 +496,36 @@ def test_cache_hits_on_a_rerun_misses_on_a_changed_prompt_and_survives_a_kill(ba
     assert inverted == [2, 1, 2]
     resumed = editor.edit(other)
     assert inverted == [2, 1, 2] and [r["inversion"]["cached"] for r in resumed.records] == [True, True]
+
+
+def test_worker_writes_the_inversions_record_and_a_rerun_reuses_the_cache(tmp_path):
+    """Through the generation worker (model=tiny, captioned real images): each pair's json holds its inversion's
+    per-step losses, inner steps and seconds; a second run into another out_dir finds every inversion cached."""
+    from datagen import launch
+    from test_generate import TINY
+    from test_generate_scale import NO_LAUNCHER, pairs
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, caption in enumerate(["a cat on a sofa", "a black cat"]):
+        save_image(images(1, seed=i)[0], folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(caption)
+
+    def run(out_dir: Path) -> list[dict]:
+        tiny = [o for o in TINY if not o.startswith("editor.")]
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose("generate", [*tiny, "editor=stylediffusion", "editor.num_inference_steps=2",
+                                       "editor.inversion_options.inner_steps=2", f"out_dir={out_dir}",
+                                       f"cache_dir={tmp_path / 'cache'}", "source=folder", f"source.path={folder}",
+                                       "shard_size=2", "batch_size=2"])
+        launch.run_workers(cfg, NO_LAUNCHER)
+        return [sample["json"] for _, sample in sorted(pairs(out_dir).items())]
+
+    first = run(tmp_path / "first")
+    assert [meta["target_prompt"] for meta in first] == ["a dog on a sofa", "a black dog"]
+    for meta in first:
+        record = meta["inversion"]
+        assert record["method"] == "stylediffusion" and record["inner_steps"] == [2, 2] and not record["cached"]
+        assert len(record["final_loss"]) == len(record["rec_loss"]) == len(record["att_loss"]) == 2
+        assert record["seconds"] > 0 and record["unet_backwards"] == 4
+    assert [meta["inversion"]["cached"] for meta in run(tmp_path / "second")] == [True, True]
