@@ -95,25 +95,30 @@ class PairAugment:
     """The same random crop, flip and colour jitter on input and target; additive noise on the input only.
 
     Works on float images in [0, 1]. The crop is square and resized to `resolution`, so it also brings
-    pairs generated at another resolution to the generator's. Zero strengths switch a part off.
+    pairs generated at another resolution to the generator's. Zero strengths switch a part off. `rotate90` also
+    turns both by a random multiple of 90 degrees: with the flip, all 8 symmetries of the square, for data whose
+    edits look the same turned (the toy world's axis-aligned shapes; not photographs, which have an up).
     `noise_std` is in the generator's [-1, 1] units, the ones the config and the paper speak in.
     """
 
     def __init__(self, resolution: int, crop_scale: Sequence[float] = (0.8, 1.0), flip: bool = True,
                  brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0, hue: float = 0.0,
-                 noise_std: float = 0.0):
+                 noise_std: float = 0.0, rotate90: bool = False):
         # transforms.v2 draws one set of parameters per call and applies it to every image passed together
         self.shared = v2.Compose([
             v2.RandomResizedCrop(resolution, scale=tuple(crop_scale), ratio=(1.0, 1.0), antialias=True),
             v2.RandomHorizontalFlip(0.5 if flip else 0.0),
             v2.ColorJitter(brightness, contrast, saturation, hue),
         ])
-        self.noise_std = noise_std
+        self.noise_std, self.rotate90 = noise_std, rotate90
 
     def __call__(self, image: torch.Tensor, target: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.random.fork_rng(devices=[]):  # the training RNG stays untouched in the main process
             torch.manual_seed(seed)
             image, target = self.shared(tv_tensors.Image(image), tv_tensors.Image(target))
+            if self.rotate90:
+                turns = int(torch.randint(4, ()))
+                image, target = image.rot90(turns, (-2, -1)), target.rot90(turns, (-2, -1))
             # [0, 1] here, [-1, 1] for the generator: half the std here is noise_std there
             image = image.as_subclass(torch.Tensor) + self.noise_std / 2 * torch.randn_like(image)
         return image, target.as_subclass(torch.Tensor)

@@ -23,11 +23,12 @@ Checkpoints (`torch.load(path, weights_only=True)` reads them; everything is ten
     generator.load_state_dict({k.removeprefix("G_ema."): v for k, v in ckpt["state_dict"].items()
                                if k.startswith("G_ema.")})
 
-LPIPS is a fixed metric and is left out of checkpoints.
+LPIPS (and a perceptual network configured in its place) is fixed and left out of checkpoints.
 """
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -39,6 +40,7 @@ from hydra.utils import instantiate
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.strategies import ParallelStrategy
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from torchvision.utils import make_grid, save_image
 
@@ -67,7 +69,9 @@ class DistillModule(pl.LightningModule):
 
     `generator` and `discriminator` are configs (`_target_` + arguments), kept in the checkpoint so
     that an export can rebuild the network. `ema_half_life` is in images, as StyleGAN's ema_kimg.
-    `channels_last` keeps G, D, LPIPS and the batches in NHWC layout, the one tensor cores' convolutions use
+    `perceptual` is a config of the network whose distance is the `lpips_weight` term (default: LPIPS(VGG), which
+    validation's val/lpips always is). `lr_rampdown` is the last share of `trainer.max_steps` over which the lr falls
+    to 0 (cosine; 0 = constant). `channels_last` keeps G, D, LPIPS and the batches in NHWC layout, the one tensor cores' convolutions use
     (same results; whether it is faster is what `bench.train --channels-last false true` shows).
     """
 
@@ -75,7 +79,8 @@ class DistillModule(pl.LightningModule):
                  l1_weight: float = 1.0, lpips_weight: float = 1.0, r1_gamma: float = 10.0,
                  r1_interval: int = 16, lr: float = 1e-3, betas: Sequence[float] = (0.0, 0.99), eps: float = 1e-8,
                  ema_half_life: float = 10_000.0, lpips_pretrained_vgg: bool = True, seed: int = 0,
-                 num_samples: int = 8, channels_last: bool = False):
+                 num_samples: int = 8, channels_last: bool = False, perceptual: dict | None = None,
+                 lr_rampdown: float = 0.0):
         super().__init__()
         if adversarial_weight > 0 and discriminator is None:
             raise ValueError(f"adversarial_weight={adversarial_weight} needs a discriminator config")
@@ -85,6 +90,8 @@ class DistillModule(pl.LightningModule):
         self.G_ema = copy.deepcopy(self.G).requires_grad_(False)
         self.D = instantiate(discriminator) if adversarial_weight > 0 else None
         self.lpips = build_lpips(lpips_pretrained_vgg)
+        # the training loss's network: LPIPS(VGG) itself, or a trunk that exists offline (distill/perceptual.py)
+        self.perceptual = instantiate(perceptual) if perceptual is not None else self.lpips
         self.register_state_dict_post_hook(_drop_lpips)
         self.register_load_state_dict_post_hook(_allow_missing_lpips)
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("l1", "lpips", "psnr")})
@@ -92,13 +99,21 @@ class DistillModule(pl.LightningModule):
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict:
         hp = self.hparams
         # G and D at the same lr and betas. StyleGAN2 scales D's by r1_interval / (r1_interval + 1) because its
         # lazy R1 is an extra Adam step; here R1 joins D's loss in the batch's one step, so D takes no extra steps.
         # One parameter group each, as older checkpoints hold them: those still resume (with the lr they saved).
         groups = [{"params": list(module.parameters())} for module in (self.G, self.D) if module is not None]
-        return torch.optim.Adam(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        optimizer = torch.optim.Adam(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        if not hp.lr_rampdown:
+            return optimizer
+        # cosine from lr to 0 over the last `lr_rampdown` share of max_steps: a run needs a high lr to leave the
+        # copy-the-input optimum, and small final steps to settle on sharp edges rather than hover around them
+        total = self.trainer.max_steps
+        start = total * (1 - hp.lr_rampdown)
+        factor = lambda step: 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, step - start) / (total - start))))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "step"}}
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         return {name: value.contiguous(memory_format=self.memory_format)
@@ -120,6 +135,8 @@ class DistillModule(pl.LightningModule):
             losses |= self.discriminator_phase(image, target, output.detach())
         self.check_finite(losses)
         optimizer.step()
+        if (schedule := self.lr_schedulers()) is not None:  # manual optimization: Lightning leaves it to the step
+            schedule.step()
         self.update_ema(images=image.shape[0] * self.trainer.world_size)
         self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=False,
                       batch_size=image.shape[0])
@@ -131,7 +148,7 @@ class DistillModule(pl.LightningModule):
         losses = {"l1": F.l1_loss(output, target)}
         total = hp.l1_weight * losses["l1"]
         if hp.lpips_weight > 0:  # VGG's backward dominates a small generator's step
-            losses["lpips"] = self.lpips(output, target).mean()
+            losses["lpips"] = self.perceptual(output, target).mean()
             total = total + hp.lpips_weight * losses["lpips"]
         if self.D is not None:
             with frozen(self.D):
@@ -200,11 +217,14 @@ class DistillModule(pl.LightningModule):
                 logger.experiment.add_image("val/samples", grid, self.global_step)
 
 
+FIXED_NETWORKS = ("lpips.", "perceptual.")  # frozen, rebuilt from their own files: left out of checkpoints
+
+
 def _drop_lpips(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    for key in [key for key in state_dict if key.startswith(prefix + "lpips.")]:
+    for key in [key for key in state_dict if key.removeprefix(prefix).startswith(FIXED_NETWORKS)]:
         del state_dict[key]
 
 
 def _allow_missing_lpips(module: nn.Module, incompatible_keys) -> None:
     missing = incompatible_keys.missing_keys
-    missing[:] = [key for key in missing if not key.startswith("lpips.")]
+    missing[:] = [key for key in missing if not key.startswith(FIXED_NETWORKS)]

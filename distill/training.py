@@ -16,6 +16,8 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+import datagen.config  # noqa: F401  (registers the ${repo:...} resolver the configs use)
+
 log = logging.getLogger(__name__)
 
 # LPIPS stays in eval mode on purpose, and checkpoints are meant to hold the weights after the step

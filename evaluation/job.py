@@ -1,4 +1,5 @@
-"""`python evaluate.py`'s work, callable with a composed config: every run of `data.path` evaluated and reported."""
+"""`python evaluate.py`'s work, callable with a composed config: every run of `data.path` evaluated and reported; a
+student of a toy-world task is also scored against ground truth beside its teacher (evaluation/student_truth.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from datagen.runtime import resolve_device
 from evaluation.evaluator import EvaluationError, RunEvaluator
+from evaluation.ground_truth import TASK_EDITS
 from evaluation.report import markdown_table, summarise, write_report
+from evaluation.student_truth import StudentTruth, write_truth_report
 
 
 def run(cfg: DictConfig) -> list[Path]:
@@ -25,4 +28,10 @@ def run(cfg: DictConfig) -> list[Path]:
         reports[task] = write_report(evaluator, result, Path(cfg.out), cfg.cases)
         print(f"{task}: {len(result.keys)} pairs of {run_dir} -> {reports[task]}")
         print("\n".join(markdown_table(summarise(result))))
+        if evaluator.student is not None and task in TASK_EDITS:
+            truth = StudentTruth.from_run(run_dir, cfg.ground_truth.n, cfg.ground_truth.seed, cfg.device, cfg.batch_size)
+            score = truth.score(evaluator.student.translate, evaluator.student.device)
+            print("\n".join(score.table()))
+            print(f"{task}: student / teacher correct-edit rate {score.ratio['correct']:.2f} "
+                  f"(-> {write_truth_report(score, reports[task].parent)})")
     return list(reports.values())

@@ -133,6 +133,20 @@ def test_augmentation_keeps_input_and_target_aligned():
     assert not torch.equal(geometric(image, image, 0)[0], geometric(image, image, 1)[0])
 
 
+def test_quarter_turns_turn_input_and_target_together_through_all_eight_symmetries():
+    image = torch.from_numpy(smooth_image(np.random.default_rng(1), RESOLUTION)).permute(2, 0, 1).float() / 255
+    turned = PairAugment(RESOLUTION, crop_scale=(1, 1), flip=True, rotate90=True)
+    symmetries = [image.rot90(k, (1, 2)) for k in range(4)]
+    symmetries += [view.flip(-1) for view in symmetries]
+    seen = set()
+    for seed in range(64):
+        a, b = turned(image, 1 - image, seed)
+        torch.testing.assert_close(b, 1 - a, rtol=0, atol=1e-6)
+        [index] = [i for i, view in enumerate(symmetries) if torch.allclose(a, view, atol=1e-6)]
+        seen.add(index)
+    assert seen == set(range(8))
+
+
 def test_noise_goes_to_the_input_only_with_its_std_in_the_generators_units(pairs):
     def stream(noise_std: float) -> list[dict]:
         return list(PairStream(shard_urls(str(pairs)), {}, PairAugment(RESOLUTION, crop_scale=(1, 1), flip=False,
