@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from datagen.runtime import model_unavailable, resolve_device, resolve_dtype
@@ -44,8 +45,14 @@ class Backbone:
         return (self.unet.config.in_channels, side, side)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "Backbone":
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        # diffusers warns at every cast of a model, even one with no module to keep in fp32 ("[]"): noise at each start
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            for module in (self.unet, self.vae, self.text_encoder):
+                module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
         return self
 
     @torch.no_grad()

@@ -5,7 +5,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import datagen.config  # noqa: F401  (the ${repo:} resolver)
-from datagen.backbone import load_backbone
+from datagen.backbone import load_backbone, tiny_backbone
 from datagen.runtime import ModelUnavailableError, resolve_dtype
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
@@ -56,3 +56,16 @@ def test_missing_weights_give_one_clear_error(monkeypatch):
 def test_precision_policy():
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("fp16", torch.device("cpu")) == torch.float16
+
+
+def test_casting_the_backbone_says_nothing(caplog):
+    """diffusers logs a warning at every model cast (its list of fp32 modules is empty); a run's start stays quiet,
+    and diffusers' own verbosity is left as it was."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    tiny_backbone(0).to(torch.device("cpu"), torch.bfloat16)
+    assert "float32" not in caplog.text
+    assert diffusers_logging.get_verbosity() == verbosity
+    tiny_backbone(0).unet.to(torch.bfloat16)  # control: the bare cast is what warns
+    assert "should be kept in float32" in caplog.text
