@@ -31,12 +31,15 @@ class ClipVisionLpips(nn.Module):
         from transformers import CLIPVisionModel
         from transformers.utils import logging
 
-        verbosity = logging.get_verbosity()
+        verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
         logging.set_verbosity_error()  # a CLIPModel folder: the text tower's weights are left out, as intended
+        logging.disable_progress_bar()  # a loading bar per training run says nothing
         try:
             self.tower = CLIPVisionModel.from_pretrained(name_or_path, torch_dtype=torch.float32)
         finally:
             logging.set_verbosity(verbosity)
+            if bars:
+                logging.enable_progress_bar()
         self.tower.eval().requires_grad_(False)
         _, processor = load_processor(name_or_path)
         mean, std = (processor.image_mean, processor.image_std) if processor else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)

@@ -50,8 +50,7 @@ def test_a_short_toy_distillation_with_adversarial_and_perceptual_terms_lowers_i
     run_dir = toy_run(tmp_path / "gen", count=16)
     steps = 30
     cfg = run_config(run_dir, tmp_path / "run", "data.thresholds={}", "data.batch_size=8", "data.num_workers=0",
-                     "data.holdout_fraction=0.25", *NO_AUGMENTATION, "+perceptual@distill.perceptual=toy_clip",
-                     "distill.lpips_weight=1.0", "distill.adversarial_weight=0.1", "distill.r1_interval=4",
+                     "data.holdout_fraction=0.25", *NO_AUGMENTATION, "distill.adversarial_weight=0.1", "distill.r1_interval=4",
                      f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.log_every_n_steps=1",
                      "callbacks.ground_truth.n=8", experiment="toy")
     trainer = train(cfg)
