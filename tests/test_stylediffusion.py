@@ -476,7 +476,10 @@ def test_cache_hits_on_a_rerun_misses_on_a_changed_prompt_and_survives_a_kill(ba
     editor.inverter = counting
     batch = EditBatch([0, 1], SOURCES, images(), TARGETS)
     first = editor.edit(batch)
-    assert inverted == [2] and len(list((tmp_path / "stylediffusion").glob("*.pt"))) == 2
+    files = list((tmp_path / "stylediffusion").glob("*.pt"))
+    assert inverted == [2] and len(files) == 2
+    entry_bytes = (4 * 16 * 16 + 2 * STEPS * 77 * 32) * 4  # x_T, then (scale, shift) per step, fp32
+    assert all(entry_bytes < path.stat().st_size < entry_bytes + 4096 for path in files)  # one image's, not the batch's
     again = editor.edit(batch)
     assert inverted == [2] and [r["inversion"]["cached"] for r in again.records] == [True, True]
     assert torch.equal(again.edited, first.edited)

@@ -113,8 +113,9 @@ class StyleDiffusion(PromptToPrompt):
             made = self.inverter(bb, bb.encode_images(images * 2 - 1), cond[misses], null[misses], steps,
                                  self.guidance_scale, generators, image_tokens=self.image_tokens(images))
             scales, shifts = (torch.stack(parts, 1).cpu() for parts in zip(*made.values))  # B' x N x 77 x D
-            for j, b in enumerate(misses):
-                entries[b] = {"x_T": made.x_T[j].cpu(), "scale": scales[j], "shift": shifts[j], "record": made.records[j]}
+            for j, b in enumerate(misses):  # clones: torch.save writes a view's whole storage
+                entries[b] = {"x_T": made.x_T[j].cpu().clone(), "scale": scales[j].clone(), "shift": shifts[j].clone(),
+                              "record": made.records[j]}
                 self.cache.save(keys[b], entries[b])
         scale, shift = (torch.stack([entry[key] for entry in entries], 1).to(bb.device) for key in ("scale", "shift"))
         records = [{**entry["record"], "cached": b not in misses} for b, entry in enumerate(entries)]
