@@ -17,9 +17,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from torch import Tensor
 
-from filters.clip_gain import ClipScorer
+from filters.clip_gain import ClipEncoder, ClipScorer
 from filters.loading import MissingModelError
-from filters.segmentation import SegmentationScorer
+from filters.segmentation import ClipSegSegmenter, SegmentationScorer
 
 
 class Scorer(Protocol):
@@ -72,10 +72,17 @@ def load_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
 def build_scorer(scorers_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], device: torch.device | str, dtype: torch.dtype = torch.float32) -> PairScorer:
     """Instantiate the preset's CLIP model and segmenter (`_target_` each) on `device` and bind them to the task."""
     clip = load_model(scorers_cfg["clip"]).to(device, dtype).eval()
+    needs_segmenter = segmentation_words(task_cfg) is not None
+    segmenter = load_model(scorers_cfg["segmenter"]).to(device, dtype).eval() if needs_segmenter else None
+    return task_scorer(task_cfg, clip, segmenter)
+
+
+def task_scorer(task_cfg: Mapping[str, Any], clip: ClipEncoder, segmenter: ClipSegSegmenter | None) -> PairScorer:
+    """The task's scorers on loaded models (one pair of models can serve many tasks); `segmenter` may be None for a
+    task without segmentation words."""
     scorers: list[Scorer] = []
     words = segmentation_words(task_cfg)
     if words is not None:
-        segmenter = load_model(scorers_cfg["segmenter"]).to(device, dtype).eval()
         scorers.append(SegmentationScorer(segmenter, *words))
     scorers.append(ClipScorer(clip, task_cfg["source_text"], task_cfg["target_text"]))
     return PairScorer(scorers)
