@@ -45,6 +45,14 @@ def steps_of(value: Any) -> Steps | dict[str, Steps]:
     return float(value)
 
 
+def step_range(value: Any, num_steps: int) -> range:
+    """The steps a self-attention schedule (a fraction s, or an interval (a, b)) is on: the official
+    [int(N a), int(N b)), s meaning (0, s)."""
+    steps = steps_of(value)
+    start, end = (0.0, steps) if isinstance(steps, float) else steps
+    return range(int(num_steps * start), int(num_steps * end))
+
+
 def cross_map_sides(unet: UNet2DConditionModel, latent_side: int) -> list[int]:
     """The query-map sides of the cross-attention layers of the UNet's down and up blocks (LocalBlend leaves the
     mid block out) for latents `latent_side` wide. Each down block but the last halves the side, rounding up as
@@ -184,9 +192,7 @@ class PromptToPrompt(Editor):
         self.num_inference_steps, self.guidance_scale, self.mode = num_inference_steps, guidance_scale, mode
         self.reweight = None if reweight is None else {str(word): float(value) for word, value in reweight.items()}
         self.cross_replace_steps = steps_of(cross_replace_steps)
-        self_steps = steps_of(self_replace_steps)
-        start, end = (0.0, self_steps) if isinstance(self_steps, float) else self_steps
-        self.self_steps = range(int(num_inference_steps * start), int(num_inference_steps * end))  # the official int(N s)
+        self.self_steps = step_range(self_replace_steps, num_inference_steps)
         self.local_blend, self.blend_threshold = local_blend, blend_threshold
         self.blend_start = int(blend_start * num_inference_steps)  # the official counter > int(0.2 N)
         self.inverter = inversion if isinstance(inversion, Inverter) else make_inverter(inversion, **dict(inversion_options or {}))

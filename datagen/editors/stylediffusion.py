@@ -26,7 +26,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 from datagen.attention import AttentionHook, MapInjection, ValueModulation
 from datagen.backbone import Backbone
 from datagen.editors.base import EditBatch
-from datagen.editors.p2p import Plan, PromptToPrompt, Steps, blend_words, steps_of
+from datagen.editors.p2p import Plan, PromptToPrompt, Steps, blend_words, step_range
 from datagen.image_tokens import image_tokens_for
 from datagen.inversion_cache import InversionCache, model_fingerprint
 from datagen.inversions import Inversion
@@ -76,16 +76,16 @@ class StyleDiffusion(PromptToPrompt):
                          self_replace_steps, self_max_queries, "cond", local_blend, blend_threshold, blend_start,
                          blend_resolution, StyleDiffusionInversion(**options), compile=compile)
         self.blend_word_weight, self.value_steps = blend_word_weight, value_steps
-        uncond_steps = steps_of(uncond_self_replace_steps)
-        start, end = (0.0, uncond_steps) if isinstance(uncond_steps, float) else uncond_steps
-        self.uncond_self_steps = range(int(num_inference_steps * start), int(num_inference_steps * end))
+        self.uncond_self_steps = step_range(uncond_self_replace_steps, num_inference_steps)
         self.image_tokens = image_tokens_for(self.backbone, image_encoder)
         # One hook object of each kind for the editor's life, as Prompt-to-Prompt's.
         self.uncond_injection = MapInjection(halves="uncond", self_max_queries=self_max_queries)  # P2Plus
         self.values = ValueModulation()
-        settings = {"inversion": vars(self.inverter), "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                    "scheduler": dict(self.backbone.scheduler.config), "model": model_fingerprint(self.backbone),
-                    "image_encoder": self.image_tokens.name, "resolution": resolution}
+        # what an inversion depends on (the edit's schedules, blend and reweighting do not)
+        settings = {"inversion": vars(self.inverter), "num_inference_steps": num_inference_steps,
+                    "guidance_scale": guidance_scale, "scheduler": dict(self.backbone.scheduler.config),
+                    "model": model_fingerprint(self.backbone), "image_encoder": self.image_tokens.name,
+                    "resolution": resolution}
         folder = None if cache_dir is None else Path(cache_dir).expanduser() / "stylediffusion"
         self.cache = InversionCache(folder, settings)
 
