@@ -6,7 +6,7 @@
 #                                 # (--profile), then fp32
 #   bash bench/gpu.sh generator   # distilled generator: batch sweep, batch 1 in fp32/bf16; training throughput
 #   bash bench/gpu.sh compile     # our editor eager vs its UNet under torch.compile, bf16, batch 8
-#   bash bench/gpu.sh teachers    # every teacher and inversion beside pix2pix-zero, SD-1.4 size, bf16, batch 8
+#   bash bench/gpu.sh teachers    # the other teachers and inversions beside pix2pix-zero, SD-1.4 size, bf16, batch 8
 #   bash bench/gpu.sh stylediffusion  # StyleDiffusion beside null-text inversion, SD-1.4 size, bf16, 512 px
 #   bash bench/gpu.sh toy         # toy world: UNet (3500 x 512) + decoder fine-tune, into $OUT/world
 #
@@ -45,8 +45,10 @@ case $part in
       --out "$out/generate_h100_compile.json"
     ;;
   teachers)
-    # null-text inversion is ~4x pix2pix-zero's cost: 20 steps keep the whole table under the call's limit
-    run 560 -m bench.generate --editor all --steps 20 --precisions bf16 --batches 8 --out "$out/generate_h100_teachers.json"
+    # null-text inversion is ~4x pix2pix-zero's cost: 20 steps keep the table under the call's limit (StyleDiffusion,
+    # ~25x, has its own part)
+    run 560 -m bench.generate --editor pix2pix_zero:direct pix2pix_zero:null_text p2p p2p:null_text p2p:negative_prompt \
+      p2p:direct word_swap sdedit --steps 20 --precisions bf16 --batches 8 --out "$out/generate_h100_teachers.json"
     ;;
   stylediffusion)
     # Up to 1015 UNet forward+backward passes per image at its 30 steps (K_i = 100, 91, ...): s/pair is the inversion
