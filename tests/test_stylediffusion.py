@@ -427,6 +427,28 @@ def test_attention_loss_lowers_the_final_map_distance(world):
     assert distances[1e3] < 0.97 * distances[0.0] < 0.97 * distances[-1e3]
 
 
+def test_the_papers_options(world, monkeypatch):
+    """output=value (v = M(E(x)): no scale, 77 channels), N(0, 0.01^2) weights and zero biases, constant lr 1e-4 with
+    betas (0, 0.999), no early stop, and one extra UNet call for step 0's target maps."""
+    made: list[tuple[float, tuple]] = []
+
+    class RecordingAdam(torch.optim.Adam):
+        def __init__(self, params, lr, betas) -> None:
+            made.append((lr, betas))
+            super().__init__(params, lr=lr, betas=betas)
+
+    code = world.invert(inner_steps=1)
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    paper = world.invert(inner_steps=1, output="value", init_std=0.01, lr=1e-4, lr_decay=False, betas=(0.0, 0.999),
+                         early_stop=None, first_step_maps="extra_call")
+    assert made == [(1e-4, (0.0, 0.999))] * STEPS
+    assert all(torch.equal(scale, torch.zeros_like(scale)) for scale, _ in paper.values)
+    assert paper.records[0]["unet_evals"] == code.records[0]["unet_evals"] + 1
+    networks = MappingNetworks(generators(1), world.tokens.shape[1], output="value", init_std=0.01)
+    assert networks.w_in.shape == (1, 77, world.tokens.shape[1]) and networks.b_in.abs().sum() == 0
+    assert networks.w_mid.std().item() == pytest.approx(0.01, rel=0.1)
+
+
 def test_supervised_layers_and_the_first_layers_maps(backbone):
     """SD's layout at 64 x 64 latents: the five 16 x 16 layers of down_blocks[2] and up_blocks[1], out of 32
     attention layers. The first cross-attention layer's maps cannot depend on the value input (nothing before it
@@ -488,6 +510,10 @@ def test_cache_hits_on_a_rerun_misses_on_a_changed_prompt_and_survives_a_kill(ba
                                   target_prompts=[TARGETS[0], "a blue circle on a chair"]))
     assert inverted == [2, 1] and [r["inversion"]["cached"] for r in changed.records] == [True, False]
 
+    twice = editor.edit(EditBatch([0, 1], [SOURCES[1]] * 2, images(2, seed=2)[[0, 0]], TARGETS[1:] * 2))
+    assert inverted == [2, 1, 1] and [r["inversion"]["cached"] for r in twice.records] == [False, True]
+    torch.testing.assert_close(twice.edited[0], twice.edited[1], atol=1e-5, rtol=0)  # one inversion, both edits
+
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # the run dies after the inversion, during the edit
 
@@ -496,9 +522,9 @@ def test_cache_hits_on_a_rerun_misses_on_a_changed_prompt_and_survives_a_kill(ba
     with pytest.raises(KeyboardInterrupt):
         editor.edit(other)
     monkeypatch.undo()
-    assert inverted == [2, 1, 2]
+    assert inverted == [2, 1, 1, 2]
     resumed = editor.edit(other)
-    assert inverted == [2, 1, 2] and [r["inversion"]["cached"] for r in resumed.records] == [True, True]
+    assert inverted == [2, 1, 1, 2] and [r["inversion"]["cached"] for r in resumed.records] == [True, True]
 
 
 def test_worker_writes_the_inversions_record_and_a_rerun_reuses_the_cache(tmp_path):

@@ -100,26 +100,32 @@ class StyleDiffusion(PromptToPrompt):
         return weights
 
     def invert(self, batch: EditBatch, cond: torch.Tensor, null: torch.Tensor) -> Inversion:
-        """The inversions of the batch's images: the cached ones loaded, the others made together and saved."""
+        """The inversions of the batch's images: the cached ones loaded, the others made together (an image and
+        prompt met twice, once) and saved."""
         if batch.images is None:
             raise ValueError("StyleDiffusion inverts real images: use a source of real images (source=folder|shards)")
         bb, size, steps = self.backbone, len(batch.seeds), self.num_inference_steps
         keys = [self.cache.key(image, prompt) for image, prompt in zip(batch.images, batch.prompts)]
         entries = [self.cache.load(key) for key in keys]
-        misses = [b for b, entry in enumerate(entries) if entry is None]
-        if misses:
-            images = batch.images[misses]
-            generators = [torch.Generator().manual_seed(batch.seeds[b]) for b in misses]
-            made = self.inverter(bb, bb.encode_images(images * 2 - 1), cond[misses], null[misses], steps,
+        made_here: list[int] = []  # the first input of each (image, prompt) the cache lacks
+        for b, (key, entry) in enumerate(zip(keys, entries)):
+            if entry is None and all(keys[m] != key for m in made_here):
+                made_here.append(b)
+        if made_here:
+            images = batch.images[made_here]
+            generators = [torch.Generator().manual_seed(batch.seeds[b]) for b in made_here]
+            made = self.inverter(bb, bb.encode_images(images * 2 - 1), cond[made_here], null[made_here], steps,
                                  self.guidance_scale, generators, image_tokens=self.image_tokens(images))
             scales, shifts = (torch.stack(parts, 1).cpu() for parts in zip(*made.values))  # B' x N x 77 x D
-            for j, b in enumerate(misses):  # clones: torch.save writes a view's whole storage
+            for j, b in enumerate(made_here):  # clones: torch.save writes a view's whole storage
                 entries[b] = {"x_T": made.x_T[j].cpu().clone(), "scale": scales[j].clone(), "shift": shifts[j].clone(),
                               "record": made.records[j]}
                 self.cache.save(keys[b], entries[b])
+            first = {keys[b]: entries[b] for b in made_here}
+            entries = [entry if entry is not None else first[key] for entry, key in zip(entries, keys)]
         scale, shift = (torch.stack([entry[key] for entry in entries], 1).to(bb.device) for key in ("scale", "shift"))
-        records = [{**entry["record"], "cached": b not in misses} for b, entry in enumerate(entries)]
-        unet_evals = sum(records[b]["unet_evals"] for b in misses)
+        records = [{**entry["record"], "cached": b not in made_here} for b, entry in enumerate(entries)]
+        unet_evals = sum(records[b]["unet_evals"] for b in made_here)
         return Inversion(torch.stack([entry["x_T"] for entry in entries]).to(bb.device),
                          values=list(zip(scale.unbind(0), shift.unbind(0))),  # per step, B x 77 x D each
                          unet_evals=round(unet_evals / size), records=records)
