@@ -558,3 +558,18 @@ def test_worker_writes_the_inversions_record_and_a_rerun_reuses_the_cache(tmp_pa
         assert len(record["final_loss"]) == len(record["rec_loss"]) == len(record["att_loss"]) == 2
         assert record["seconds"] > 0 and record["unet_backwards"] == 4
     assert [meta["inversion"]["cached"] for meta in run(tmp_path / "second")] == [True, True]
+
+
+def test_image_tokens_resize_crop_and_width(backbone):
+    """E(x): a larger, non-square image is resized (shorter side to the tower's input, bicubic) and centre-cropped
+    as the code's preprocessing; the toy world's CLIP (65 tokens, 64 wide) is pooled to its text's width 32."""
+    tokens = image_tokens_for(backbone)  # model=tiny: the random 32 px tower
+    wide = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    resized = torch.nn.functional.interpolate(wide, size=(32, 48), mode="bicubic", align_corners=False)[..., 8:40]
+    torch.testing.assert_close(tokens(wide), tokens(resized), atol=1e-6, rtol=0)
+    assert tokens(wide).shape == (1, 17, 32)
+    if (WEIGHTS / "clip").exists():
+        toy = image_tokens_for(replace(backbone, name="toy"))
+        out = toy(images(2))
+        assert out.shape == (2, 65, 32) and toy.name.endswith("clip")
+        assert not torch.allclose(out[0], out[1])  # the images' own tokens
