@@ -102,10 +102,11 @@ def sd_shaped_backbone(size: Size, seed: int = 0) -> Backbone:
 
 
 class UNetSampleCounter:
-    """Counts samples through the UNet inside the block: a guidance pair counts 2, as EditResult.unet_evals."""
+    """Counts samples through the UNet inside the block: a guidance pair counts 2, as EditResult.unet_evals;
+    `with_grad` counts those run with autograd on (each one is followed by a backward through the UNet)."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
-        self.unet, self.count = unet, 0
+        self.unet, self.count, self.with_grad = unet, 0, 0
 
     def __enter__(self) -> "UNetSampleCounter":
         self.handle = self.unet.register_forward_pre_hook(self.hook)
@@ -116,6 +117,7 @@ class UNetSampleCounter:
 
     def hook(self, module: torch.nn.Module, args: tuple) -> None:
         self.count += args[0].shape[0]
+        self.with_grad += args[0].shape[0] if torch.is_grad_enabled() else 0
 
 
 @dataclasses.dataclass
@@ -291,9 +293,10 @@ def teacher_specs(requested: Sequence[str]) -> list[str]:
 
 def bench_teachers(setup: Setup, dtype_name: str, specs: Sequence[str], batches: Sequence[int], repeats: int,
                    warmup: int, report: Report) -> None:
-    """Adds to `report` a row per teacher and batch in one precision: seconds and UNet evaluations per pair, and
-    seconds over pix2pix-zero's (the first spec) at the same batch. A teacher that cannot take an inversion (its
-    constructor says why) gets a row with the reason instead."""
+    """Adds to `report` a row per teacher and batch in one precision: seconds and UNet evaluations per pair (and
+    the backward passes among them), seconds over pix2pix-zero's (the first spec) at the same batch and, for the
+    inversions that time themselves (null-text, StyleDiffusion), the inversion's and the edit's share. A teacher
+    that cannot take an inversion (its constructor says why) gets a row with the reason instead."""
     device = setup.backbone.device
     setup.backbone.to(device, DTYPES[dtype_name])
     baseline: dict[int, float] = {}
@@ -304,15 +307,20 @@ def bench_teachers(setup: Setup, dtype_name: str, specs: Sequence[str], batches:
             report.add(EDITORS, {"editor": spec, "precision": dtype_name, "note": str(error).split(":")[0]})
             continue
         for batch in batches:
-            call = lambda: setup.run_ours(editor, 0, batch)  # noqa: E731 - timed as a thunk
+            results = []
+            call = lambda: results.append(editor.edit(setup.batch(0, batch)))  # noqa: E731 - timed as a thunk
             for _ in range(warmup):
                 call()
             with UNetSampleCounter(setup.backbone.unet) as counter, peak_memory(device) as memory:
                 per_pair = sum(seconds(call, device) for _ in range(repeats)) / (repeats * batch)
             baseline.setdefault(batch, per_pair)
+            timed = [r["inversion"]["seconds"] for r in results[-1].records if "seconds" in r.get("inversion", {})]
+            inversion = sum(timed) / len(timed) if timed else None
             report.add(EDITORS, {"editor": spec, "precision": dtype_name, "batch": batch, "s/pair": per_pair,
-                                 "x pix2pix-zero": per_pair / baseline[batch],
-                                 "UNet evals/pair": counter.count / (repeats * batch), "peak GiB": memory["peak_gib"]})
+                                 "x pix2pix-zero": per_pair / baseline[batch], "inversion s/pair": inversion,
+                                 "edit s/pair": None if inversion is None else per_pair - inversion,
+                                 "UNet evals/pair": counter.count / (repeats * batch),
+                                 "UNet backwards/pair": counter.with_grad / (repeats * batch), "peak GiB": memory["peak_gib"]})
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -379,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         PARITY: ["precision", "max abs input diff", "max abs edited diff"], TIMES: columns,
         COMPILED: ["precision", "batch", "backend", "first run s", "max abs edited diff"],
         KERNELS: ["setting", "kernel", "calls", "ms", "share %"],
-        EDITORS: ["editor", "precision", "batch", "s/pair", "x pix2pix-zero", "UNet evals/pair", "peak GiB", "note"]},
+        EDITORS: ["editor", "precision", "batch", "s/pair", "x pix2pix-zero", "inversion s/pair", "edit s/pair",
+                  "UNet evals/pair", "UNet backwards/pair", "peak GiB", "note"]},
         notes, smoke=args.smoke)
     if args.editor:
         specs = teacher_specs(args.editor)

@@ -101,20 +101,29 @@ def test_generate_times_other_teachers_beside_pix2pix_zero_and_counts_their_unet
     """--editor: every row's UNet evaluations are counted by a hook on the UNet, and equal what the teacher's loop
     must run at the smoke's 2 steps on a real input (1 sample per inversion step at guidance 1; 2 guidance halves
     per sampled row and step)."""
-    result = run_smoke(generate, smoke_tmp, "--editor", "p2p", "word_swap", "sdedit", "pix2pix_zero:negative_prompt")
+    result = run_smoke(generate, smoke_tmp, "--editor", "p2p", "word_swap", "sdedit", "pix2pix_zero:negative_prompt",
+                       "p2p:null_text")
     rows = result["tables"]["Teachers: seconds per pair"]["rows"]
     assert [(row["editor"], row.get("batch")) for row in rows] == [
         ("pix2pix_zero", 1), ("pix2pix_zero", 2), ("p2p", 1), ("p2p", 2), ("word_swap", 1), ("word_swap", 2),
-        ("sdedit", 1), ("sdedit", 2), ("pix2pix_zero:negative_prompt", None)]
+        ("sdedit", 1), ("sdedit", 2), ("pix2pix_zero:negative_prompt", None), ("p2p:null_text", 1), ("p2p:null_text", 2)]
+    *rows, null_text = rows[:-1]  # batch 1 of null-text's: below
     evals = {row["editor"]: row["UNet evals/pair"] for row in rows if "batch" in row}
     assert evals == {"pix2pix_zero": 2 + 2 * (1 + 2 * 2),  # reference once, guidance and guided edit with 2 halves
                      "p2p": 2 + 2 * 2 * 2,  # source and target rows
                      "word_swap": 2 + 2 * 2,  # the target row alone: a real input's source row is the image
                      "sdedit": int(0.8 * 2) * 2}  # strength 0.8 of 2 steps
+    backwards = {row["editor"]: row["UNet backwards/pair"] for row in rows if "batch" in row}
+    assert backwards == {"pix2pix_zero": 2 * 2, "p2p": 0, "word_swap": 0, "sdedit": 0}  # the guidance step, per half
+    assert all(row.get("inversion s/pair") is None for row in rows)  # DDIM inversion does not time itself
     for row in rows[:8]:
         baseline = next(r for r in rows if r["editor"] == "pix2pix_zero" and r["batch"] == row["batch"])
         assert row["x pix2pix-zero"] == pytest.approx(row["s/pair"] / baseline["s/pair"])
     assert "negative prompt" in rows[-1]["note"]  # a teacher that refuses an inversion says why, in its row
+    # null-text's inversion times itself: the row splits its seconds; its inner optimisation runs a backward per step
+    assert null_text["inversion s/pair"] + null_text["edit s/pair"] == pytest.approx(null_text["s/pair"])
+    assert 0 < null_text["edit s/pair"] < null_text["inversion s/pair"]
+    assert null_text["UNet backwards/pair"] >= 2  # at least one inner step at each of the 2 timesteps
 
 
 def test_the_smokes_parity_check_fails_without_the_guidance_or_with_the_papers_update():
