@@ -1,7 +1,7 @@
 """Distillation of teacher pairs into a Co-Mod-GAN generator: the LightningModule.
 
-G maps the input image to the teacher's edited image under L1 + LPIPS(VGG), the paper's objective,
-plus (when `adversarial_weight` > 0) the non-saturating loss of a conditional discriminator D(input,
+G maps the input image to the teacher's edited image under L1 + LPIPS(VGG), the paper's objective (offline,
+LPIPS's form on another frozen trunk: `perceptual`, distill/perceptual.py), plus (when `adversarial_weight` > 0) the non-saturating loss of a conditional discriminator D(input,
 image) with lazy R1 on real pairs (every r1_interval-th step, inside that step's D update). An exponential
 moving average of G's weights, `G_ema`, is what validation, samples and export use.
 
@@ -70,9 +70,10 @@ class DistillModule(pl.LightningModule):
     `generator` and `discriminator` are configs (`_target_` + arguments), kept in the checkpoint so
     that an export can rebuild the network. `ema_half_life` is in images, as StyleGAN's ema_kimg.
     `perceptual` is a config of the network whose distance is the `lpips_weight` term (default: LPIPS(VGG), which
-    validation's val/lpips always is). `lr_rampdown` is the last share of `trainer.max_steps` over which the lr falls
-    to 0 (cosine; 0 = constant). `channels_last` keeps G, D, LPIPS and the batches in NHWC layout, the one tensor cores' convolutions use
-    (same results; whether it is faster is what `bench.train --channels-last false true` shows).
+    validation's val/lpips always is; `distill.perceptual` holds one that needs no download). `lr_rampdown` is the
+    last share of `trainer.max_steps` over which the lr falls to 0 (cosine; 0 = constant). `channels_last` keeps G,
+    D, LPIPS and the batches in NHWC layout, the one tensor cores' convolutions use (same results; whether it is
+    faster is what `bench.train --channels-last false true` shows).
     """
 
     def __init__(self, generator: dict, adversarial_weight: float, discriminator: dict | None = None,
