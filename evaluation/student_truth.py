@@ -102,7 +102,8 @@ class StudentTruth:
     @classmethod
     def from_run(cls, run_dir: str | Path, n: int = 64, seed: int = 0, device: str = "auto", batch_size: int = 64,
                  cache_dir: str | Path | None = "~/.cache/pairforge") -> StudentTruth:
-        """The renders of generation run `run_dir`'s task, and its teacher's edits of them (made once, then cached)."""
+        """The renders of generation run `run_dir`'s task, and its teacher's edits of them (made once, then cached in
+        the run; `cache_dir` is where the teacher's edit direction is cached, as in generate.py)."""
         run = OmegaConf.load(Path(run_dir) / "config.yaml")
         if run.task.name not in TASK_EDITS:
             raise ValueError(f"task {run.task.name!r} has no ground truth (toy world tasks: {', '.join(TASK_EDITS)})")
@@ -117,8 +118,8 @@ class StudentTruth:
 
     @torch.no_grad()
     def edits_of(self, student: Translator, device: torch.device | str = "cpu") -> Tensor:
-        """The student's edits of the set's renders, in [0, 1] at the set's size (a student of another resolution
-        sees the renders resized to its own and is resized back, bicubic)."""
+        """The student's edits of the set's renders, in [0, 1] at the set's size: outputs of another size (a student of
+        another resolution, which resizes its inputs as evaluate.py's `Student` does) are resized back, bicubic."""
         outputs = []
         for rows in self.set.batches(self.batch_size):
             images = (self.set.images[rows] * 2 - 1).to(device)
