@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from omegaconf import OmegaConf
 from torchvision.utils import make_grid
 
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from evaluation.editor_benchmark import BenchmarkResult, Columns, Row, SetResult
 
 PADDING = 1  # pixels between the pictures of a grid
+MARKERS = "os^Dv<>pP*Xh"
 Summary = dict[str, dict[str, float | None]]
 
 
@@ -331,7 +334,7 @@ def write_report(result: BenchmarkResult, out: Path) -> Path:
     summaries = {s.set.name: {row.name: summarise(row.columns) for row in s.rows} for s in result.sets}
     curves = {s.set.name: filter_curves(s) for s in result.sets}
     ranked = ranking(result)
-    pictures = write_pictures(result, summaries, curves, out)
+    pictures = write_pictures(result, summaries, ranked, curves, out)
     OmegaConf.save(OmegaConf.create(result.config), out / "config.yaml")
 
     cfg = result.config
@@ -397,7 +400,8 @@ def write_pairs(result: BenchmarkResult, path: Path) -> None:
                     stream.write(json.dumps(json_safe(record)) + "\n")
 
 
-def write_pictures(result: BenchmarkResult, summaries: dict[str, dict[str, Summary]], curves: dict[str, dict], out: Path) -> dict:
+def write_pictures(result: BenchmarkResult, summaries: dict[str, dict[str, Summary]], ranked: dict[str, Summary],
+                   curves: dict[str, dict], out: Path) -> dict:
     pictures: dict = {"grids": {}, "pr": {}}
     for s in result.sets:
         pictures["grids"][s.set.name] = f"grids/{s.set.name}.png"
@@ -410,7 +414,7 @@ def write_pictures(result: BenchmarkResult, summaries: dict[str, dict[str, Summa
     write_scatter(result, summaries, out / pictures["structure_vs_clip"])
     if has_truth(result):
         pictures["correct_vs_cost"] = "correct_vs_cost.png"
-        write_cost_figure(result, summaries, out / pictures["correct_vs_cost"])
+        write_cost_figure(result, ranked, out / pictures["correct_vs_cost"])
     return pictures
 
 
@@ -437,42 +441,52 @@ def write_grid(result: SetResult, path: Path) -> None:
     figure.savefig(path, dpi=100)
 
 
+def editor_styles(result: BenchmarkResult) -> dict[str, dict[str, object]]:
+    """A colour and marker per editor, the same in every picture: editors that land on one point stay apart in the legend."""
+    colours = colormaps["tab20"]
+    return {row.name: {"color": colours(i % 20), "marker": MARKERS[i % len(MARKERS)]} for i, row in enumerate(result.sets[0].editors)}
+
+
+def add_legend(figure: Figure, styles: dict[str, dict[str, object]]) -> None:
+    handles = [Line2D([], [], linestyle="", markersize=6, label=name, **style) for name, style in styles.items()]
+    figure.legend(handles=handles, loc="outside right upper", fontsize=7, frameon=False)
+
+
 def write_scatter(result: BenchmarkResult, summaries: dict[str, dict[str, Summary]], path: Path) -> None:
-    """The paper's figure: Structure Dist (lower: layout kept) against CLIP Acc (higher: edit recognised)."""
+    """The paper's figure: Structure Dist (lower: layout kept) against CLIP Acc (higher: edit recognised), per set."""
+    styles = editor_styles(result)
     columns = min(2, len(result.sets))
     rows = -(-len(result.sets) // columns)
-    figure = Figure(figsize=(5.5 * columns, 4.5 * rows), layout="constrained")
+    figure = Figure(figsize=(4.2 * columns + 2.6, 3.4 * rows), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for axis in axes[len(result.sets):]:
         axis.set_axis_off()
     for axis, s in zip(axes, result.sets):
         for row in s.editors:
             paper = summaries[s.set.name][row.name]["paper"]
-            if paper["clip_acc"] is None or paper["structure_dist"] is None:
-                continue
-            axis.scatter(paper["clip_acc"], paper["structure_dist"], s=18)
-            axis.annotate(row.name, (paper["clip_acc"], paper["structure_dist"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
-        axis.set_xlim(-2, 102)
+            if paper["clip_acc"] is not None and paper["structure_dist"] is not None:
+                axis.scatter(paper["clip_acc"], paper["structure_dist"], s=24, alpha=0.85, **styles[row.name])
+        axis.set_xlim(-4, 104)
         axis.set_xlabel("CLIP Acc (%) ↑")
         axis.set_ylabel("Structure Dist ↓")
-        axis.set_title(s.set.name)
+        axis.set_title(s.set.name, fontsize=10)
         axis.grid(alpha=0.3)
-    figure.savefig(path, dpi=100)
+    add_legend(figure, styles)
+    figure.savefig(path, dpi=90)
 
 
-def write_cost_figure(result: BenchmarkResult, summaries: dict[str, dict[str, Summary]], path: Path) -> None:
-    """Correct-edit rate (mean over the sets) against seconds per pair, one point per editor."""
-    figure = Figure(figsize=(6.5, 4.5), layout="constrained")
+def write_cost_figure(result: BenchmarkResult, ranked: dict[str, Summary], path: Path) -> None:
+    """Correct-edit rate over every set's pairs against seconds per pair, one point per editor."""
+    styles = editor_styles(result)
+    figure = Figure(figsize=(7.5, 3.8), layout="constrained")
     axis = figure.subplots()
-    for row in result.sets[0].editors:
-        rates = [summaries[s.set.name][row.name]["ground_truth"]["correct"] for s in result.sets]
-        x, y = seconds_per_pair(result, row.name), float(np.mean(rates))
-        axis.scatter(x, y, s=18)
-        axis.annotate(row.name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    for name, style in styles.items():
+        axis.scatter(seconds_per_pair(result, name), ranked[name]["ground_truth"]["correct"], s=30, alpha=0.85, **style)
     axis.set_xlabel("seconds per pair on this machine ↓")
-    axis.set_ylabel("correct edits (%), mean over the sets ↑")
+    axis.set_ylabel("correct edits (%), all sets ↑")
     axis.grid(alpha=0.3)
-    figure.savefig(path, dpi=100)
+    add_legend(figure, styles)
+    figure.savefig(path, dpi=90)
 
 
 def write_pr_figure(name: str, curves: dict[str, dict], path: Path) -> None:

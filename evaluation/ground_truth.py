@@ -6,15 +6,17 @@ size, colour tint, stripe angle, background) kept, so it differs from the input 
 renders' object masks (tested). Each task's source prompt is the scene's true caption; its target prompt comes from
 the task's own `prompt_edit` rule, and equals the true edit's caption (tested).
 
-Correct-edit rule: an edit is correct when, of the renders of its input scene that differ only in the task's
-attribute (each value it can take: the four shapes; plain or striped; with or without the dot; outline or filled) or
-that lack the object altogether, the true edit is the one nearest to it (L2 over every pixel in [0, 1]).
+Correct-edit rule: an edit is correct when the true edit is the render nearest to it (L2 over every pixel in [0, 1])
+among the true edit and every scene one property of its object away from it: each other shape, each other colour,
+stripes and the dot each toggled, the other drawing style (outline or filled), and the scene without the object.
 
 It is a nearest-neighbour reading of which scene the edit depicts, so it needs no model, and no scorer's blind spots
-enter the benchmark that judges the scorers. The renders differ only inside their object masks, so the background
-adds the same to every distance and cannot decide; an edit that repaints it is judged by the background columns, not
-here. Returning the input is never correct (the input is one of the renders), nor is deleting the object, drawing
-another shape, or moving the object away; the true edit always is.
+enter the benchmark that judges the scorers. The input is one of those scenes (the true edit with the task's
+property set back), so returning it is never correct; nor is doing the task's edit and also changing the object's
+shape or colour (a filled black circle for an outlined blue star), deleting the object, or moving it away (nearest:
+the scene without it); the true edit always is. The renders differ only inside their object masks, so the background
+away from every candidate's object adds the same to every distance and cannot decide; an edit that repaints it is
+judged by the background columns, not here.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from torch import Tensor
 from datagen.prompts import PromptEdit
 from evaluation.compose import task_config
 from toyworld.render import render
-from toyworld.world import SHAPES, Scenes, captions, sample_scenes
+from toyworld.world import COLOURS, SHAPES, Scenes, captions, sample_scenes
 
 DRAW_CHUNK = 256  # scenes drawn per round: a fixed size, so the first n inputs are the same for any larger n
 
@@ -49,29 +51,36 @@ class AttributeEdit:
         wanted = ((self.attribute, self.before), *self.requires)
         return np.logical_and.reduce([_first_object(scenes, name) == value for name, value in wanted])
 
-    def apply(self, scenes: Scenes, value: int | bool | None = None) -> Scenes:
-        """A copy of `scenes` with the attribute set to `value` (default `after`), nothing else changed."""
+    def apply(self, scenes: Scenes) -> Scenes:
+        """A copy of `scenes` with the attribute set to `after`, nothing else changed."""
         edited = scenes[np.arange(len(scenes))]
-        _first_object(edited, self.attribute)[:] = self.after if value is None else value
+        _first_object(edited, self.attribute)[:] = self.after
         return edited
-
-    @property
-    def values(self) -> tuple[int | bool, ...]:
-        """Every value the attribute takes in the world."""
-        return tuple(range(len(SHAPES))) if self.attribute == "shape" else (False, True)
-
-    def alternatives(self, scenes: Scenes) -> tuple[list[Scenes], int]:
-        """The correct-edit rule's candidates: the scenes with the attribute at each of its values, then without the
-        object; and the index of the true edit among them."""
-        removed = scenes[np.arange(len(scenes))]
-        removed.present[:, 0] = False
-        return [self.apply(scenes, value) for value in self.values] + [removed], self.values.index(self.after)
 
 
 def _first_object(scenes: Scenes, name: str) -> np.ndarray:
     """The first object's values of a per-object field (N x 2 ...), or a per-scene field itself; a view, writable."""
     values = getattr(scenes, name)
     return values[:, 0] if values.ndim == 2 else values
+
+
+def one_property_away(scenes: Scenes) -> list[Scenes]:
+    """The correct-edit rule's wrong answers to each scene: copies with one property of the first object changed (each
+    other shape and colour, stripes, dot and the drawing style toggled; every copy differs from its scene on every
+    row), and the scene without the object."""
+    away = []
+    for name, levels in (("shape", len(SHAPES)), ("colour", len(COLOURS))):
+        for shift in range(1, levels):
+            changed = scenes[np.arange(len(scenes))]
+            _first_object(changed, name)[:] = (_first_object(scenes, name) + shift) % levels
+            away.append(changed)
+    for name in ("striped", "dot", "outline"):
+        changed = scenes[np.arange(len(scenes))]
+        _first_object(changed, name)[:] = ~_first_object(scenes, name)
+        away.append(changed)
+    removed = scenes[np.arange(len(scenes))]
+    removed.present[:, 0] = False
+    return away + [removed]
 
 
 CIRCLE, SQUARE = SHAPES.index("circle"), SHAPES.index("square")
@@ -88,8 +97,9 @@ class BenchmarkSet:
     """The inputs every editor of a benchmark edits, as one group of the report (a toy task, or PIE-Bench).
 
     `images` B x 3 x H x W in [0, 1]; `edit_masks` B x H x W bool, the region PIE-Bench's metrics treat as edited;
-    `truth` the true edits (None where unknown: real data) and `alternatives` the correct-edit rule's candidates; `words` per pair the (source, target) words of the
-    word-only edit direction; `task` the task config (None for PIE-Bench, whose texts are per pair)."""
+    `truth` the true edits (None where unknown: real data) and `alternatives` the correct-edit rule's candidates;
+    `words` per pair the (source, target) words of the word-only edit direction; `task` the task config (None for
+    PIE-Bench, whose texts are per pair)."""
 
     name: str
     keys: list[str]
@@ -127,19 +137,24 @@ def object_region(masks: Tensor) -> Tensor:
     return masks > 0
 
 
-def toy_set(task: dict, n: int, seed: int, size: int) -> BenchmarkSet:
-    """Task `task`'s inputs and true edits. The scenes depend on (seed, task name) only, not on which other tasks run."""
-    name = task["name"]
+def toy_scenes(name: str, n: int, seed: int, size: int) -> tuple[Scenes, Scenes]:
+    """Task `name`'s input scenes and their true edits. They depend on (seed, task name) only, not on which other
+    tasks run."""
     if name not in TASK_EDITS:
         raise ValueError(f"no ground truth for task {name!r}: the toy world's tasks are {', '.join(TASK_EDITS)}")
     edit = TASK_EDITS[name]
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    scenes = held_out_inputs(edit, n, rng, size)
-    truth_scenes = edit.apply(scenes)
+    scenes = held_out_inputs(edit, n, np.random.default_rng([seed, zlib.crc32(name.encode())]), size)
+    return scenes, edit.apply(scenes)
+
+
+def toy_set(task: dict, n: int, seed: int, size: int) -> BenchmarkSet:
+    """Task `task`'s inputs and true edits, rendered (`toy_scenes`), with their prompts and the rule's candidates."""
+    name = task["name"]
+    scenes, truth_scenes = toy_scenes(name, n, seed, size)
     images, masks = render(scenes)
     truth, truth_masks = render(truth_scenes)
-    candidates, truth_index = edit.alternatives(scenes)
-    alternatives = torch.stack([render(candidate)[0] for candidate in candidates], dim=1)
+    # the true edit first (truth_index 0), then its wrong neighbours
+    alternatives = torch.stack([truth] + [render(candidate)[0] for candidate in one_property_away(truth_scenes)], dim=1)
     prompts = captions(scenes)
     rule = PromptEdit.from_task(task)
     meta = [{"true_caption": text} for text in captions(truth_scenes)]
@@ -148,7 +163,7 @@ def toy_set(task: dict, n: int, seed: int, size: int) -> BenchmarkSet:
         target_prompts=[rule.target(prompt) for prompt in prompts], seeds=[seed + i for i in range(n)],
         edit_masks=object_region(masks[:, 0]) | object_region(truth_masks[:, 0]),
         words=[(task["source_word"], task["target_word"])] * n, task=task, truth=truth,
-        alternatives=alternatives, truth_index=truth_index, meta=meta)
+        alternatives=alternatives, truth_index=0, meta=meta)
 
 
 def toy_sets(tasks: Sequence[str], n: int, seed: int, size: int) -> list[BenchmarkSet]:
@@ -180,5 +195,6 @@ def correct_edits(edited: Tensor, benchmark_set: BenchmarkSet, rows: slice = sli
     return nearest_alternative(edited, benchmark_set.alternatives[rows]) == benchmark_set.truth_index
 
 
-RULE = ("an edit is correct when, of the renders of its input scene with the task's attribute at each of its values "
-        "or without the object, the true edit is the nearest to it (L2 over all pixels in [0, 1])")
+RULE = ("an edit is correct when the true edit is the render nearest to it (L2 over all pixels in [0, 1]) among the true "
+        "edit and every scene one property of its object away from it (each other shape and colour; stripes, the dot and "
+        "the outline style toggled; the object removed), the input being one of them")

@@ -17,9 +17,10 @@ from evaluation.benchmark_report import at_threshold, best_f1, filter_summary, p
 from evaluation.compose import generate_config, task_config
 from evaluation.editor_benchmark import (BenchmarkError, EditorBenchmark, EditorEntry, SetMeasure, editor_entries, hydra_value,
                                          word_direction)
-from evaluation.ground_truth import TASK_EDITS, correct_edits, held_out_inputs, nearest_alternative, region_psnr, toy_set
+from evaluation.ground_truth import TASK_EDITS, correct_edits, held_out_inputs, nearest_alternative, region_psnr, toy_scenes, toy_set
 from toyworld.models import WEIGHTS
-from toyworld.world import SHAPES, captions, is_held_out
+from toyworld.render import render
+from toyworld.world import COLOURS, SHAPES, captions, is_held_out
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 TASKS = tuple(TASK_EDITS)
@@ -64,19 +65,39 @@ def test_the_first_inputs_do_not_depend_on_n():
     assert not torch.equal(toy_set(task, 4, 1, 32).images, small.images)  # the seed does change them
 
 
-def test_correct_edit_rule(sets):
-    """circle2square: the truth is correct, the input, another shape, the removed object are not; a repainted
-    background does not decide; a diverged (NaN) edit is not correct."""
-    bset = sets["circle2square"]
-    triangle, removed = bset.alternatives[:, SHAPES.index("triangle")], bset.alternatives[:, -1]
+def changed(scenes, **values):
+    """A copy of `scenes` with the first object's fields set (`outline`, the drawing style, is the scene's)."""
+    copy = scenes[np.arange(len(scenes))]
+    for name, value in values.items():
+        field = getattr(copy, name)
+        if field.ndim == 2:
+            field[:, 0] = value
+        else:
+            field[:] = value
+    return copy
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_correct_edit_rule(sets, task):
+    """The truth is correct; the input, the task's edit plus another change to the object (its shape, its colour), the
+    object removed or mostly removed are not; the background no candidate draws on does not decide; a diverged (NaN)
+    edit is not correct."""
+    bset = sets[task]
+    _, truth_scenes = toy_scenes(task, len(bset), 0, 32)
+    assert torch.equal(render(truth_scenes)[0], bset.truth)
     assert correct_edits(bset.truth, bset).all()
     assert not correct_edits(bset.images, bset).any()
-    assert not correct_edits(triangle, bset).any() and not correct_edits(removed, bset).any()
-    background = ~bset.edit_masks[:, None]
-    repainted = torch.where(background, 1 - bset.truth, bset.truth)  # the whole background inverted
-    assert correct_edits(repainted, bset).all()
-    halfway_to_removed = 0.4 * bset.truth + 0.6 * removed  # more object deleted than drawn
-    assert not correct_edits(halfway_to_removed, bset).any()
+    other_shape = (truth_scenes.shape[:, 0] + 2) % len(SHAPES)  # e.g. an outlined star filled but drawn as a circle
+    other_colour = (truth_scenes.colour[:, 0] + 1) % len(COLOURS)
+    removed = render(changed(truth_scenes, present=False))[0]
+    for wrong in (changed(truth_scenes, shape=other_shape), changed(truth_scenes, colour=other_colour)):
+        assert not correct_edits(render(wrong)[0], bset).any()
+    assert not correct_edits(removed, bset).any()
+    assert not correct_edits(0.4 * bset.truth + 0.6 * removed, bset).any()  # more object deleted than drawn
+    # the background where no candidate draws its object, inverted: it adds the same to every distance
+    unused = ~(bset.alternatives != bset.truth[:, None]).any(1).any(1, keepdim=True)
+    assert unused.float().mean() > 0.3  # most of the picture
+    assert correct_edits(torch.where(unused, 1 - bset.truth, bset.truth), bset).all()
     diverged = bset.truth.clone()
     diverged[0, 0, 0, 0] = torch.nan
     assert nearest_alternative(diverged, bset.alternatives)[0] == -1 and not correct_edits(diverged, bset)[0]
