@@ -148,7 +148,7 @@ def test_entries_compose_the_editor_configs_generate_would_build():
     assert [entries[f"pix2pix_zero_xa_{name}"].cfg.xa_guidance_real for name in ("0_15", "0_5", "1_5", "3")] == [0.15, 0.5, 1.5, 3.0]
     assert entries["pix2pix_zero_no_xa"].cfg.xa_guidance_real == 0.0
     assert entries["pix2pix_zero_shared_update"].cfg.xa_update == "shared"
-    assert entries["pix2pix_zero_direct_inversion"].cfg.inversion == "direct"
+    assert entries["pix2pix_zero_direct_inversion"].cfg.inversion == "direct" and entries["p2p_direct_inversion"].cfg.inversion == "direct"
     assert entries["pix2pix_zero_word_direction"].direction == "words"
     for entry in entries.values():  # every row runs the same budget
         assert entry.cfg.num_inference_steps == cfg.steps and entry.cfg.get("num_inversion_steps", cfg.steps) == cfg.steps
