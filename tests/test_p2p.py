@@ -45,19 +45,6 @@ def backbone():
     return tiny_backbone(seed=0).to(torch.device("cpu"), torch.float32)
 
 
-@pytest.fixture
-def finals(monkeypatch):
-    """The final latents of the editors' sampling runs, in order: rows (input, member)."""
-    kept = []
-
-    def denoise_kept(*args, **kwargs):
-        kept.append(denoise(*args, **kwargs))
-        return kept[-1]
-
-    monkeypatch.setattr(p2p, "denoise", denoise_kept)
-    return kept
-
-
 def images(count: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(count, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(seed))
 

@@ -121,19 +121,6 @@ def inverted(world) -> tuple[Inversion, list[torch.Tensor]]:
     return inversion, visited
 
 
-@pytest.fixture
-def finals(monkeypatch):
-    """The final latents of the editors' sampling runs, in order: rows (input, member)."""
-    kept = []
-
-    def denoise_kept(*args, **kwargs):
-        kept.append(denoise(*args, **kwargs))
-        return kept[-1]
-
-    monkeypatch.setattr(p2p, "denoise", denoise_kept)
-    return kept
-
-
 def error(x: torch.Tensor, latents: torch.Tensor) -> float:
     return (x - latents).square().mean().item()
 
