@@ -59,6 +59,9 @@ GROUPS: dict[str, tuple[Column, ...]] = {
         Column("lpips", "LPIPS", "gt_lpips", "mean", False),
         Column("bg_psnr", "BG PSNR", "gt_bg_psnr", "mean", True, decimals=2),
     ),
+    "nearest": tuple(Column(kind, label, f"nearest_{kind}", "percent", kind == "true_edit", decimals=1) for kind, label in (
+        ("true_edit", "true edit"), ("input", "input"), ("shape", "other shape"), ("colour", "other colour"),
+        ("stripes", "stripes toggled"), ("dot", "dot toggled"), ("style", "style toggled"), ("removed", "object removed"))),
     "paper": (
         Column("clip_acc", "CLIP Acc %", "paper_clip_margin", "positive", True, decimals=1),
         Column("structure_dist", "Structure Dist", "paper_structure_dist", "mean", False, decimals=4),
@@ -74,10 +77,14 @@ GROUPS: dict[str, tuple[Column, ...]] = {
         Column("clip_edited", "CLIP edited", "pie_clip_edited", "mean", True, decimals=2),
     ),
 }
-TITLES = {"ground_truth": "Ground truth", "paper": "The paper's metrics", "pie_bench": "PIE-Bench's metrics"}
+TITLES = {"ground_truth": "Ground truth", "nearest": "Nearest render (% of pairs): what the edits depict",
+          "paper": "The paper's metrics", "pie_bench": "PIE-Bench's metrics"}
 
 DEFINITIONS = f"""\
 - **correct %** (ground truth): {RULE}.
+- **Nearest render**: the rule's candidate each edit is nearest to, so a wrong edit says what it depicts instead: the
+  input (no edit), the true edit with another shape or colour or with its stripes, dot or drawing style toggled (the
+  task's own property toggled back is the input), or the scene without the object.
 - **PSNR, LPIPS** (ground truth): the edit against the true edit, whole image; PSNR on [0, 1], LPIPS the paper metrics' (VGG).
 - **BG PSNR** (ground truth): the edit against the input over the pixels outside the union of the input's and the true
   edit's object masks (the renderer's), where the true edit equals the input.
@@ -207,25 +214,33 @@ def row_name(row: Row) -> str:
     return f"*{row.name}*" if row.reference else row.name
 
 
+def group_table(group: str, rows: Sequence[Row], summaries: dict[str, Summary], with_cost: bool = False,
+                pairs: int = 0) -> list[str]:
+    """One metric group's markdown table over `rows` (those that have it), with s/pair and UNet evals/pair over
+    `pairs` pairs if `with_cost`."""
+    rows = [row for row in rows if group in summaries[row.name]]
+    if not rows:
+        return []
+    present = [c for c in GROUPS[group] if c.key in summaries[rows[0].name][group]]
+    header = [f"{c.label} {'↑' if c.higher_is_better else '↓'}" for c in present] + (["s/pair ↓", "UNet evals/pair"] if with_cost else [])
+    lines = [f"### {TITLES[group]}", "", "| editor | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
+    for row in rows:
+        cells = [format_value(summaries[row.name][group][c.key], c) for c in present]
+        if with_cost:
+            cost = cost_summary(row, pairs)
+            cells += ["-", "-"] if row.reference else [f"{cost['s_per_pair']:.3f}", str(cost["unet_evals_per_pair"])]
+        lines.append(f"| {row_name(row)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def set_tables(result: SetResult, summaries: dict[str, Summary]) -> list[str]:
-    """The set's markdown: one table per metric group, rows = references then editors."""
+    """The set's markdown: one table per metric group, rows = references then editors; the cost beside the ground
+    truth (the paper's metrics without it)."""
     lines: list[str] = []
-    pairs = len(result.set)
-    for group, columns in GROUPS.items():
-        rows = [row for row in result.rows if group in summaries[row.name]]
-        if not rows:
-            continue
-        present = [c for c in columns if c.key in summaries[rows[0].name][group]]
-        extra = ["s/pair ↓", "UNet evals/pair"] if group == "ground_truth" or (group == "paper" and "ground_truth" not in summaries[rows[0].name]) else []
-        header = [f"{c.label} {'↑' if c.higher_is_better else '↓'}" for c in present] + extra
-        lines += [f"### {TITLES[group]}", "", "| editor | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
-        for row in rows:
-            cells = [format_value(summaries[row.name][group][c.key], c) for c in present]
-            if extra:
-                cost = cost_summary(row, pairs)
-                cells += ["-", "-"] if row.reference else [f"{cost['s_per_pair']:.3f}", str(cost["unet_evals_per_pair"])]
-            lines.append(f"| {row_name(row)} | " + " | ".join(cells) + " |")
-        lines.append("")
+    first = summaries[result.rows[0].name]
+    cost_group = "ground_truth" if "ground_truth" in first else "paper"
+    for group in GROUPS:
+        lines += group_table(group, result.rows, summaries, with_cost=group == cost_group, pairs=len(result.set))
     filtered = [row for row in result.editors if "filters" in summaries[row.name]]
     if filtered:
         kept = ", ".join(f"{name} >= {value:g}" for name, value in result.thresholds.items() if value is not None)
@@ -360,6 +375,7 @@ def write_report(result: BenchmarkResult, out: Path) -> Path:
     write_pairs(result, out / "pairs.jsonl")
 
     threads = torch.get_num_threads()
+    rows = {row.name: row for row in result.sets[0].rows}
     lines = [
         "# Editor benchmark", "",
         f"{len(result.entries)} editors on {len(result.sets)} sets ({', '.join(f'{s.set.name}: {len(s.set)}' for s in result.sets)} pairs), "
@@ -368,6 +384,7 @@ def write_report(result: BenchmarkResult, out: Path) -> Path:
         f"({threads} thread{'s' if threads > 1 else ''}).", "",
         "## Ranking", "", "Each row over the pairs of every set together; the editors best first.", "",
         *ranking_table(result, ranked),
+        *group_table("nearest", [rows[name] for name in ranked], ranked),
         *summary_table(result, summaries),
     ]
     for s in result.sets:

@@ -32,7 +32,7 @@ from distill.losses import build_lpips
 from evaluation.benchmark_report import write_report
 from evaluation.compose import generate_config
 from evaluation.evaluator import EditMetrics
-from evaluation.ground_truth import BenchmarkSet, correct_edits, region_psnr
+from evaluation.ground_truth import CANDIDATE_KINDS, BenchmarkSet, nearest_alternative, region_psnr
 from evaluation.metrics import ClipMargin, KeySelfSimilarity, background_lpips, structure_distance
 from evaluation.pie_bench import PieBenchMetrics
 from filters.clip_gain import ClipEncoder
@@ -214,7 +214,11 @@ class SetMeasure:
         values: dict[str, Tensor] = {}
         if bset.truth is not None:
             truth = bset.truth[rows]
-            values["gt_correct"] = correct_edits(edited, bset, rows).float()
+            nearest = nearest_alternative(edited, bset.alternatives[rows])
+            values["gt_correct"] = (nearest == bset.truth_index).float()
+            for kind in CANDIDATE_KINDS:  # which render each edit is nearest to: what a wrong edit depicts instead
+                indices = torch.tensor([j for j, name in enumerate(bset.alternative_kinds) if name == kind], dtype=torch.long)
+                values[f"nearest_{kind}"] = torch.isin(nearest, indices).float()
             values["gt_psnr"] = region_psnr(edited, truth)
             values["gt_lpips"] = models.lpips((edited * 2 - 1).to(models.device), (truth * 2 - 1).to(models.device)).flatten().cpu()
             values["gt_bg_psnr"] = region_psnr(edited, inputs, ~masks)

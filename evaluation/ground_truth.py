@@ -64,23 +64,29 @@ def _first_object(scenes: Scenes, name: str) -> np.ndarray:
     return values[:, 0] if values.ndim == 2 else values
 
 
-def one_property_away(scenes: Scenes) -> list[Scenes]:
-    """The correct-edit rule's wrong answers to each scene: copies with one property of the first object changed (each
-    other shape and colour, stripes, dot and the drawing style toggled; every copy differs from its scene on every
-    row), and the scene without the object."""
+PROPERTY_NAMES = {"shape": "shape", "colour": "colour", "striped": "stripes", "dot": "dot", "outline": "style"}
+"""The `Scenes` field -> the name of the property it holds, in the report."""
+CANDIDATE_KINDS = ("true_edit", "input", *PROPERTY_NAMES.values(), "removed")
+"""What a candidate of the rule is: the true edit, the input, the true edit with one property changed, without the object."""
+
+
+def one_property_away(scenes: Scenes) -> list[tuple[str, Scenes]]:
+    """The correct-edit rule's wrong answers to each scene, with the property each changes: copies with one property
+    of the first object changed (each other shape and colour, stripes, dot and the drawing style toggled; every copy
+    differs from its scene on every row), and the scene without the object ("removed")."""
     away = []
     for name, levels in (("shape", len(SHAPES)), ("colour", len(COLOURS))):
         for shift in range(1, levels):
             changed = scenes[np.arange(len(scenes))]
             _first_object(changed, name)[:] = (_first_object(scenes, name) + shift) % levels
-            away.append(changed)
+            away.append((PROPERTY_NAMES[name], changed))
     for name in ("striped", "dot", "outline"):
         changed = scenes[np.arange(len(scenes))]
         _first_object(changed, name)[:] = ~_first_object(scenes, name)
-        away.append(changed)
+        away.append((PROPERTY_NAMES[name], changed))
     removed = scenes[np.arange(len(scenes))]
     removed.present[:, 0] = False
-    return away + [removed]
+    return away + [("removed", removed)]
 
 
 CIRCLE, SQUARE = SHAPES.index("circle"), SHAPES.index("square")
@@ -113,6 +119,7 @@ class BenchmarkSet:
     truth: Tensor | None = None
     alternatives: Tensor | None = None  # B x K x 3 x H x W: the correct-edit rule's candidate renders
     truth_index: int = 0  # the true edit's index among them
+    alternative_kinds: list[str] | None = None  # per candidate, one of CANDIDATE_KINDS
     meta: list[dict] = field(default_factory=list)  # per pair, for pairs.jsonl
 
     def __len__(self) -> int:
@@ -153,8 +160,12 @@ def toy_set(task: dict, n: int, seed: int, size: int) -> BenchmarkSet:
     scenes, truth_scenes = toy_scenes(name, n, seed, size)
     images, masks = render(scenes)
     truth, truth_masks = render(truth_scenes)
-    # the true edit first (truth_index 0), then its wrong neighbours
-    alternatives = torch.stack([truth] + [render(candidate)[0] for candidate in one_property_away(truth_scenes)], dim=1)
+    # the true edit first (truth_index 0), then its wrong neighbours; the one that is the input is named so
+    kinds, renders = ["true_edit"], [truth]
+    for kind, candidate in one_property_away(truth_scenes):
+        image = render(candidate)[0]
+        kinds.append("input" if torch.equal(image, images) else kind)
+        renders.append(image)
     prompts = captions(scenes)
     rule = PromptEdit.from_task(task)
     meta = [{"true_caption": text} for text in captions(truth_scenes)]
@@ -163,7 +174,7 @@ def toy_set(task: dict, n: int, seed: int, size: int) -> BenchmarkSet:
         target_prompts=[rule.target(prompt) for prompt in prompts], seeds=[seed + i for i in range(n)],
         edit_masks=object_region(masks[:, 0]) | object_region(truth_masks[:, 0]),
         words=[(task["source_word"], task["target_word"])] * n, task=task, truth=truth,
-        alternatives=alternatives, truth_index=0, meta=meta)
+        alternatives=torch.stack(renders, dim=1), truth_index=0, alternative_kinds=kinds, meta=meta)
 
 
 def toy_sets(tasks: Sequence[str], n: int, seed: int, size: int) -> list[BenchmarkSet]:

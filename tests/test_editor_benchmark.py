@@ -87,11 +87,16 @@ def test_correct_edit_rule(sets, task):
     assert torch.equal(render(truth_scenes)[0], bset.truth)
     assert correct_edits(bset.truth, bset).all()
     assert not correct_edits(bset.images, bset).any()
-    other_shape = (truth_scenes.shape[:, 0] + 2) % len(SHAPES)  # e.g. an outlined star filled but drawn as a circle
+    other_shape = (truth_scenes.shape[:, 0] + 2) % len(SHAPES)  # e.g. an outlined star filled but drawn as a circle;
+    # circle2square: a star (a circle would be the input)
     other_colour = (truth_scenes.colour[:, 0] + 1) % len(COLOURS)
     removed = render(changed(truth_scenes, present=False))[0]
-    for wrong in (changed(truth_scenes, shape=other_shape), changed(truth_scenes, colour=other_colour)):
+    kinds = bset.alternative_kinds
+    assert kinds[0] == "true_edit" and kinds.count("input") == 1 and len(kinds) == bset.alternatives.shape[1]
+    assert torch.equal(bset.alternatives[:, kinds.index("input")], bset.images)
+    for kind, wrong in (("shape", changed(truth_scenes, shape=other_shape)), ("colour", changed(truth_scenes, colour=other_colour))):
         assert not correct_edits(render(wrong)[0], bset).any()
+        assert {kinds[i] for i in nearest_alternative(render(wrong)[0], bset.alternatives).tolist()} == {kind}
     assert not correct_edits(removed, bset).any()
     assert not correct_edits(0.4 * bset.truth + 0.6 * removed, bset).any()  # more object deleted than drawn
     # the background where no candidate draws its object, inverted: it adds the same to every distance
@@ -196,6 +201,8 @@ def test_an_editor_that_returns_its_input_is_never_correct_and_the_truth_always(
         entry = EditorEntry(editor, editor, "test", {}, "banks", OmegaConf.create({"_target_": f"{__name__}.{editor}"}))
         row = benchmark.run_entry(entry, s.set, measure, slice(0, 2))
         assert row.columns["gt_correct"] == [expected] * len(s.set), editor
+        depicted = "nearest_input" if editor == "Unchanged" else "nearest_true_edit"
+        assert row.columns[depicted] == [1.0] * len(s.set), editor
 
 
 @needs_weights
@@ -209,8 +216,10 @@ def test_smoke_report_has_every_table_picture_and_reference(smoke):
         assert rows["input"]["ground_truth"]["correct"] == 0.0 and rows["true_edit"]["ground_truth"]["correct"] == 100.0
         assert rows["true_edit"]["ground_truth"]["psnr"] == "inf" and rows["input"]["ground_truth"]["bg_psnr"] == "inf"
         assert rows["true_edit_vae"]["ground_truth"]["correct"] == 100.0  # the VAE alone does not spoil a toy edit
+        assert rows["input"]["nearest"]["input"] == 100.0 and rows["true_edit"]["nearest"]["true_edit"] == 100.0
         for row in rows.values():
-            assert set(row) >= {"ground_truth", "paper", "pie_bench", "filters"}
+            assert set(row) >= {"ground_truth", "nearest", "paper", "pie_bench", "filters"}
+            assert sum(row["nearest"].values()) == pytest.approx(100.0)  # every (finite) edit depicts one candidate
             assert set(row["pie_bench"]) == {"structure", "bg_psnr", "bg_lpips", "bg_mse", "bg_ssim", "clip_whole", "clip_edited"}
         assert set(rows["sdedit"]["filters"]) == {"kept", "precision", "recall"}
         thresholded = {name for name, value in entry["thresholds"].items() if value is not None}
@@ -220,7 +229,7 @@ def test_smoke_report_has_every_table_picture_and_reference(smoke):
         assert report["cost"]["sets"][task]["pix2pix_zero"]["unet_evals_per_pair"] > report["cost"]["sets"][task]["sdedit"]["unet_evals_per_pair"]
     assert (out / "a" / "structure_vs_clip.png").is_file() and (out / "a" / "correct_vs_cost.png").is_file()
     markdown = (out / "a" / "report.md").read_text()
-    assert "## Ranking" in markdown and "## Summary: correct edits (%)" in markdown and "python generate.py editor=pix2pix_zero" in markdown
+    assert "## Ranking" in markdown and "### Nearest render" in markdown and "## Summary: correct edits (%)" in markdown and "python generate.py editor=pix2pix_zero" in markdown
     ranking = report["ranking"]
     assert list(ranking)[-3:] == ["input", "true_edit", "true_edit_vae"]  # the editors first, best first
     rates = [ranking[name]["ground_truth"]["correct"] for name in list(ranking)[:2]]
