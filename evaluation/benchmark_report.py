@@ -378,7 +378,8 @@ def write_report(result: BenchmarkResult, out: Path) -> Path:
     rows = {row.name: row for row in result.sets[0].rows}
     lines = [
         "# Editor benchmark", "",
-        f"{len(result.entries)} editors on {len(result.sets)} sets ({', '.join(f'{s.set.name}: {len(s.set)}' for s in result.sets)} pairs), "
+        f"{len(result.entries)} editors on {len(result.sets)} sets "
+        f"({', '.join(f'{s.set.name}: {len(s.set)}' for s in result.sets)} pairs), "
         f"model `{cfg['model']['name']}`, {cfg['steps']} steps, batch {cfg['batch_size']}; "
         f"{result.seconds / 60:.1f} min wall, {result.cpu_seconds / 60:.1f} min of CPU time, on this machine "
         f"({threads} thread{'s' if threads > 1 else ''}).", "",
@@ -396,9 +397,10 @@ def write_report(result: BenchmarkResult, out: Path) -> Path:
     lines += ["## Pictures", "", f"![Structure Dist vs CLIP Acc]({pictures['structure_vs_clip']})", ""]
     if "correct_vs_cost" in pictures:
         lines += [f"![correct edits vs cost]({pictures['correct_vs_cost']})", ""]
-    lines += ["## Editors", "", *(f"- **{e.name}**: {e.label}. `{e.command}`" + (f" (direction: {e.direction})" if e.editor_class.uses_direction else "")
-                                  for e in result.entries), "",
-              "Reference rows (*italics*): " + "; ".join(f"*{row.name}*: {row.label}" for row in result.sets[0].rows if row.reference) + ".", "",
+    references = "; ".join(f"*{row.name}*: {row.label}" for row in result.sets[0].rows if row.reference)
+    lines += ["## Editors", "", *(f"- **{e.name}**: {e.label}. `{e.command}`"
+                                  + (f" (direction: {e.direction})" if e.editor_class.uses_direction else "") for e in result.entries), "",
+              f"Reference rows (*italics*): {references}.", "",
               "## Definitions", "", DEFINITIONS, ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))

@@ -242,7 +242,8 @@ class SetMeasure:
         models, bset = self.models, self.set
         device = models.device
         sources, targets = bset.prompts[rows], bset.target_prompts[rows]
-        margins = torch.cat([ClipMargin(models.clip, s, t)(edited[i : i + 1].to(device) * 2 - 1) for i, (s, t) in enumerate(zip(sources, targets))])
+        margins = torch.cat([ClipMargin(models.clip, source, target)(edited[i : i + 1].to(device) * 2 - 1)
+                             for i, (source, target) in enumerate(zip(sources, targets))])
         x, y = inputs.to(device) * 2 - 1, edited.to(device) * 2 - 1
         return {"clip_margin": margins, "structure_dist": structure_distance(models.self_similarity, y, x),
                 "bg_lpips": background_lpips(models.lpips, y, x, masks.to(device))}
