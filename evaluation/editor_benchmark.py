@@ -305,8 +305,9 @@ class EditorBenchmark:
     def run_entry(self, entry: EditorEntry, bset: BenchmarkSet, measure: SetMeasure, shown: slice) -> Row:
         row = Row(entry.name, entry.label, reference=False, command=entry.command)
         # Without a task the direction is per pair: one editor per batch. Otherwise one editor serves every batch.
-        def build(rows: slice) -> Editor:
-            return build_editor(entry.cfg, self.backbone, self.resolution, lambda: self.direction(entry, bset, rows), self.cfg.compile)
+        def build(rows: slice) -> Editor:  # cache_dir: editors that keep reusable work (StyleDiffusion's inversions)
+            return build_editor(entry.cfg, self.backbone, self.resolution, lambda: self.direction(entry, bset, rows), self.cfg.compile,
+                                self.cfg.cache_dir)
 
         per_batch = entry.editor_class.uses_direction and bset.task is None
         editor = None if per_batch else build(slice(None))
