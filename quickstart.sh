@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole chain offline, on the trained toy world (model=toy, toyworld/): generate -> filter -> distil ->
-# export -> translate, in 12 to 20 minutes on a 2-core CPU. Usage: bash quickstart.sh [OUT] (default out/toy).
+# export -> translate, in about 10 minutes on a free 2-core CPU. Usage: bash quickstart.sh [OUT] (default out/toy).
 # Pictures: OUT/gallery/grid.png (pix2pix-zero's pairs, inputs above edits) and OUT/translated/grid.png
 # (the distilled generator on fresh circles it never saw, inputs above its outputs). Last, the student and its teacher
 # edit the same 64 held-out renders and are judged against their true edits: the student / teacher correct-edit rate
