@@ -191,10 +191,11 @@ def test_channels_last_gives_the_gradients_of_contiguous(tmp_path):
     assert module.G.encoder.blocks[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert gradients[True].keys() == gradients[False].keys()
     # NHWC sums in another order. A gradient that is a sum of cancelling terms (a noise strength, a bias) keeps
-    # its terms' rounding, not a share of its own small size, so the bound scales with its network's gradients
+    # its terms' rounding, not a share of its own small size, so the bound scales with its network's gradients:
+    # up to 5e-4 of it where oneDNN picks AVX-512 kernels for NHWC; a layout bug is off by the gradients' own size
     for name, grad in gradients[False].items():
         scale = max(g.abs().max() for other, g in gradients[False].items() if other[:2] == name[:2])  # "G." or "D."
-        torch.testing.assert_close(gradients[True][name], grad, rtol=0, atol=1e-4 * scale, msg=name)
+        torch.testing.assert_close(gradients[True][name], grad, rtol=0, atol=2e-3 * scale, msg=name)
 
 
 def test_g_and_d_step_at_the_configured_lr_and_betas(tmp_path):

@@ -118,8 +118,10 @@ def test_null_text_stops_on_the_pre_update_loss_each_sample_alone(world):
         alone = make_inverter("null_text", **options)(backbone, latents[b:b + 1], cond[b:b + 1], uncond[b:b + 1],
                                                       STEPS, 7.5, generators(1))
         assert alone.records[0]["inner_steps"] == steps[b]
+        # A batch of 2 and a batch of 1 take different matmul kernels, and Adam divides by the gradient's size, so
+        # their rounding grows to ~1e-4 in 4 steps (AVX-512 hosts); a sample that misses its early stop is off by ~0.1
         for u_batch, u_alone in zip(batched.uncond, alone.uncond):
-            torch.testing.assert_close(u_batch[b:b + 1], u_alone, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(u_batch[b:b + 1], u_alone, atol=5e-4, rtol=1e-3)
 
 
 def reconstruction_ratio(backbone: Backbone, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
