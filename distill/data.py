@@ -214,7 +214,11 @@ class PairStream(IterableDataset):
     def prepare(self, sample: dict, epoch: int) -> dict:
         image, target = self.decode("input.png", sample["input.png"]), self.decode("edited.png", sample["edited.png"])
         image, target = self.transform(image, target, stable_seed(self.seed, "augment", epoch, sample["__key__"]))
-        return {"input": image * 2 - 1, "target": target * 2 - 1, "key": sample["__key__"]}
+        meta = json.loads(sample["json"])
+        # the source prompt and word: what StyleDiffusion's NS-LPIPS inverts the input with (evaluation.ns_lpips)
+        prompt = meta.get("caption", meta.get("prompt", ""))
+        return {"input": image * 2 - 1, "target": target * 2 - 1, "key": sample["__key__"], "prompt": prompt,
+                "source_word": meta.get("source_word", "")}
 
 
 def per_device(batch_size: int, world_size: int, name: str) -> int:

@@ -18,19 +18,24 @@ class MissingWeightsError(RuntimeError):
     """A pretrained network could not be loaded (typically: no network access)."""
 
 
-def build_lpips(pretrained_vgg: bool = True) -> nn.Module:
-    """Frozen LPIPS(VGG). The linear heads ship with the `lpips` package; the VGG16 trunk is torchvision's
-    ImageNet weights (downloaded once into $TORCH_HOME), or random with `pretrained_vgg=False`."""
+TRUNK_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
+
+
+def build_lpips(pretrained: bool = True, net: str = "vgg",
+                offline_hint: str = "distill.lpips_pretrained_vgg=false") -> nn.Module:
+    """Frozen LPIPS (VGG unless `net` says "alex" or "squeeze"). The linear heads ship with the `lpips` package; the
+    trunk is torchvision's ImageNet weights (downloaded once into $TORCH_HOME), or random with `pretrained=False`
+    (`offline_hint`: the setting that says so, for the error)."""
     try:
         with warnings.catch_warnings():  # lpips calls torchvision's deprecated `pretrained=` argument
             warnings.simplefilter("ignore", UserWarning)
-            net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=not pretrained_vgg, verbose=False)
+            model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained, verbose=False)
     except (urllib.error.URLError, OSError) as error:
         raise MissingWeightsError(
-            f"LPIPS needs torchvision's ImageNet VGG16 weights (vgg16-397923af.pth) and could not download "
+            f"LPIPS({net}) needs torchvision's ImageNet weights ({TRUNK_FILES[net]}) and could not download "
             f"them ({error}). Put the file into $TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch), or, for "
-            f"tests and smoke runs only, use a random VGG trunk: distill.lpips_pretrained_vgg=false") from None
-    return net.eval().requires_grad_(False)
+            f"tests and smoke runs only, use a random trunk: {offline_hint}") from None
+    return model.eval().requires_grad_(False)
 
 
 def psnr(output: Tensor, target: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from datagen.shards import finished_shards
 from distill.data import PairAugment, PairStream, recorded_thresholds, shard_urls
 from distill.losses import build_lpips, psnr
 from evaluation.metrics import ClipMargin, KeySelfSimilarity, background_lpips, l1_distance, structure_distance
+from evaluation.ns_lpips import NSLPIPS
 from filters.score import load_model, segmentation_words
 from filters.segmentation import ClipSegSegmenter
 
@@ -170,11 +171,13 @@ def teacher_images_per_second(run_dir: Path) -> float | None:
 
 class RunEvaluator:
     """Evaluates the pairs of generation run `run_dir` that pass `thresholds` (None = those the run recorded)
-    and belong to the split `holdout` (None = all, True/False = the distillation's held-out share or the rest)."""
+    and belong to the split `holdout` (None = all, True/False = the distillation's held-out share or the rest);
+    with `ns_lpips`, also StyleDiffusion's NS-LPIPS (it loads the run's diffusion model to invert every input)."""
 
     def __init__(self, run_dir: Path, metrics_presets: Mapping[str, Any], device: torch.device,
                  student_path: str | Path | None = None, thresholds: Mapping[str, float | None] | None = None,
-                 holdout: bool | None = None, holdout_fraction: float = 0.02, batch_size: int = 16):
+                 holdout: bool | None = None, holdout_fraction: float = 0.02, batch_size: int = 16,
+                 ns_lpips: bool = False):
         config_path = run_dir / "config.yaml"
         if not config_path.is_file():
             raise EvaluationError(f"{config_path} not found: data.path must name generation output directories")
@@ -189,6 +192,7 @@ class RunEvaluator:
                                  holdout=holdout, holdout_fraction=holdout_fraction)
         self.student = Student.load(student_path, device) if student_path is not None else None
         self.metrics = EditMetrics.build(self.run.model.scorers, metrics_presets[preset], self.run.task, device)
+        self.ns_lpips = NSLPIPS.build(self.run.model, metrics_presets[preset]["ns_lpips"], device) if ns_lpips else None
 
     def batches(self) -> Iterator[dict]:
         """{"input", "target": B x 3 x R x R in [-1, 1], "key": B keys}, in shard order."""
@@ -199,10 +203,15 @@ class RunEvaluator:
         for batch in self.batches():
             result.keys += batch["key"]
             extend(result.teacher, self.metrics.edit(batch["input"], batch["target"]))
+            if self.ns_lpips is not None:
+                backgrounds = self.ns_lpips.backgrounds(batch["input"], batch["prompt"], batch["source_word"])
+                extend(result.teacher, {"ns_lpips": self.ns_lpips.score(batch["input"], batch["target"], backgrounds)})
             if self.student is not None:
                 outputs = self.student(batch["input"])
                 extend(result.student, self.metrics.edit(self.student.resize(batch["input"]), outputs))
                 extend(result.student, self.metrics.fidelity(outputs, self.student.resize(batch["target"])))
+                if self.ns_lpips is not None:  # the input's mask, both compared at the mask's 256 px
+                    extend(result.student, {"ns_lpips": self.ns_lpips.score(batch["input"], outputs, backgrounds)})
         if not result.keys:
             raise EvaluationError(f"no pair of {self.run_dir} passes the thresholds {self.thresholds} in the chosen split "
                                   "(pairs without scores pass none: score them with `python -m filters DIR`, or "

@@ -20,7 +20,7 @@ def run(cfg: DictConfig) -> list[Path]:
     reports: dict[str, Path] = {}
     for run_dir in map(Path, run_dirs):
         evaluator = RunEvaluator(run_dir, cfg.metrics, resolve_device(cfg.device), cfg.student, thresholds,
-                                 cfg.data.holdout, cfg.data.holdout_fraction, cfg.batch_size)
+                                 cfg.data.holdout, cfg.data.holdout_fraction, cfg.batch_size, cfg.ns_lpips)
         task = evaluator.run.task.name
         if task in reports:  # both would write REPORT_DIR/<task>/
             raise EvaluationError(f"{run_dir} and an earlier run of data.path are both task {task!r}: evaluate them separately")

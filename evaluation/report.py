@@ -42,6 +42,7 @@ METRICS = (
     Metric("clip_acc", "CLIP Acc (%)", "clip_margin", True, decimals=1),
     Metric("structure_dist", "Structure Dist", "structure_dist", False),
     Metric("bg_lpips", "BG LPIPS", "bg_lpips", False),
+    Metric("ns_lpips", "NS-LPIPS", "ns_lpips", False),
     Metric("lpips_to_teacher", "LPIPS to teacher", "lpips_to_teacher", False, ("student",)),
     Metric("l1_to_teacher", "L1 to teacher", "l1_to_teacher", False, ("student",)),
     Metric("psnr_to_teacher", "PSNR to teacher (dB)", "psnr_to_teacher", True, ("student",), decimals=2),
@@ -52,6 +53,7 @@ DEFINITIONS = """\
 - **CLIP Acc**: share of edits closer in CLIP to the target text than to the source text.
 - **Structure Dist**: MSE between the last-layer key self-similarities of input and edit in a ViT (Tumanyan et al. 2022).
 - **BG LPIPS**: LPIPS between input and edit with the object (the segmenter's source mask in the input or target mask in the edit) blanked in both; n/a for tasks without object words.
+- **NS-LPIPS** (with `ns_lpips=true`): StyleDiffusion's LPIPS(AlexNet) between input and edit at 256 px, both weighted by 1 - the source word's cross-attention map over a DDIM inversion of the input (a soft background mask); n/a where the prompt lacks the word.
 - **to teacher**: the student's output against the teacher's edit, both at the student's resolution (L1 and PSNR on [-1, 1]).
 - **images/s**: teacher: pairs per second of wall time in the generation run (its manifest; one worker); student: its forward passes only, after three warm-up calls, batch as evaluated."""
 
@@ -65,7 +67,8 @@ def summarise(result: RunEvaluation) -> dict[str, dict[str, float | None]]:
             if result.images_per_second:
                 summary[metric.name] = dict(result.images_per_second)
             continue
-        values = {method: np.asarray(columns[method][metric.column], dtype=float) for method in metric.methods if columns[method]}
+        values = {method: np.asarray(columns[method][metric.column], dtype=float) for method in metric.methods
+                  if metric.column in columns[method]}
         if values:
             summary[metric.name] = {method: _summary(metric, column) for method, column in values.items()}
     return summary

@@ -37,7 +37,7 @@ def truth_lpips() -> nn.Module:
     trunk drawn from seed 0, the one the editor benchmark and evaluate.py draw, so their LPIPS columns agree."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return build_lpips(pretrained_vgg=False)
+        return build_lpips(pretrained=False)
 
 
 def truth_metrics(edited: Tensor, benchmark_set: BenchmarkSet, lpips: nn.Module, rows: slice = slice(None)) -> dict[str, Tensor]:

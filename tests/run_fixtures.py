@@ -22,7 +22,8 @@ def write_run(run_dir: Path, scores: list[dict] | None, per_shard: int = 3, reso
     for shard in range(3 if in_progress else 2):
         writer = ShardWriter(run_dir, shard)
         for i in range(shard * per_shard, (shard + 1) * per_shard):
-            meta = {"key": f"{i:09d}", "task": "cat2dog", "source_word": "cat", "target_word": "dog", "seed": i}
+            meta = {"key": f"{i:09d}", "task": "cat2dog", "source_word": "cat", "target_word": "dog", "seed": i,
+                    "caption": "a photo of a cat"}
             if scores is not None:
                 meta["scores"] = scores[i % len(scores)]
             images = torch.rand(2, 3, resolution, resolution, generator=generator)

@@ -123,7 +123,7 @@ def test_missing_vgg_weights_name_the_file_and_the_offline_option(monkeypatch):
 
     monkeypatch.setattr(lpips.pretrained_networks.tv, "vgg16", no_network)
     with pytest.raises(MissingWeightsError, match=r"vgg16-397923af\.pth.*distill\.lpips_pretrained_vgg=false"):
-        build_lpips(pretrained_vgg=True)
+        build_lpips(pretrained=True)
 
 
 @pytest.mark.parametrize("preset", ["gpu", "cpu", "ddp", "slurm"])
