@@ -199,7 +199,8 @@ class PairStream(IterableDataset):
             if self.holdout is not None and self.is_held_out(sample["__key__"]) != self.holdout:
                 continue
             counts["offered"] += 1
-            kept, reasons = passes(json.loads(sample["json"]).get("scores", {}), self.thresholds)
+            sample["meta"] = json.loads(sample["json"])  # parsed once: `prepare` reads it too
+            kept, reasons = passes(sample["meta"].get("scores", {}), self.thresholds)
             counts.update(f"failed {reason.split(':')[0]}" for reason in reasons)
             if kept:
                 counts["kept"] += 1
@@ -214,7 +215,7 @@ class PairStream(IterableDataset):
     def prepare(self, sample: dict, epoch: int) -> dict:
         image, target = self.decode("input.png", sample["input.png"]), self.decode("edited.png", sample["edited.png"])
         image, target = self.transform(image, target, stable_seed(self.seed, "augment", epoch, sample["__key__"]))
-        meta = json.loads(sample["json"])
+        meta = sample["meta"]
         # the source prompt and word: what StyleDiffusion's NS-LPIPS inverts the input with (evaluation.ns_lpips)
         prompt = meta.get("caption", meta.get("prompt", ""))
         return {"input": image * 2 - 1, "target": target * 2 - 1, "key": sample["__key__"], "prompt": prompt,

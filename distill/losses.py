@@ -21,14 +21,17 @@ class MissingWeightsError(RuntimeError):
 TRUNK_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
 
 
-def build_lpips(pretrained: bool = True, net: str = "vgg",
+def build_lpips(pretrained: bool = True, net: str = "vgg", seed: int | None = None,
                 offline_hint: str = "distill.lpips_pretrained_vgg=false") -> nn.Module:
-    """Frozen LPIPS (VGG unless `net` says "alex" or "squeeze"). The linear heads ship with the `lpips` package; the
-    trunk is torchvision's ImageNet weights (downloaded once into $TORCH_HOME), or random with `pretrained=False`
-    (`offline_hint`: the setting that says so, for the error)."""
+    """Frozen LPIPS (VGG, or "alex"). The linear heads ship with the `lpips` package; the trunk is torchvision's
+    ImageNet weights (downloaded once into $TORCH_HOME), or random with `pretrained=False`: drawn from `seed`
+    without touching the global RNG where one is given (metrics: the same trunk in every run), else from the global
+    RNG (`offline_hint`: the setting that asks for the random trunk, for the error)."""
     try:
-        with warnings.catch_warnings():  # lpips calls torchvision's deprecated `pretrained=` argument
-            warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[], enabled=seed is not None):
+            warnings.simplefilter("ignore", UserWarning)  # lpips calls torchvision's deprecated `pretrained=` argument
+            if seed is not None:
+                torch.manual_seed(seed)
             model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained, verbose=False)
     except (urllib.error.URLError, OSError) as error:
         raise MissingWeightsError(

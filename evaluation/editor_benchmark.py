@@ -173,9 +173,8 @@ class MetricModels:
         self._loaded: dict[str, nn.Module] = {}
         self.clip: ClipEncoder = self.load(cfg.model.scorers.clip)
         self.self_similarity: KeySelfSimilarity = self.load(cfg.metrics[preset].structure)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # offline presets draw LPIPS's VGG trunk at random: the same one in every run (as evaluate.py)
-            self.lpips: nn.Module = build_lpips(cfg.metrics[preset].lpips_pretrained_vgg).to(device)
+        # offline presets draw LPIPS's VGG trunk at random: the same one in every run (as evaluate.py)
+        self.lpips: nn.Module = build_lpips(cfg.metrics[preset].lpips_pretrained_vgg, seed=0).to(device)
         self.pie = PieBenchMetrics.build(cfg.pie_metrics[preset], device, self.load)
 
     def load(self, model_cfg: DictConfig) -> nn.Module:

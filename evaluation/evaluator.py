@@ -113,9 +113,7 @@ class EditMetrics:
         segmenter = load_model(scorers_cfg["segmenter"]).to(device).eval() if words else None
         clip = ClipMargin(load_model(scorers_cfg["clip"]).to(device).eval(), task_cfg["source_text"], task_cfg["target_text"])
         self_similarity = load_model(metrics_cfg["structure"]).to(device).eval()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # offline presets draw LPIPS's VGG trunk at random: the same one in every run
-            lpips = build_lpips(metrics_cfg["lpips_pretrained_vgg"]).to(device)
+        lpips = build_lpips(metrics_cfg["lpips_pretrained_vgg"], seed=0).to(device)  # offline presets: a random trunk
         return cls(clip, self_similarity, lpips, segmenter, words)
 
     @property

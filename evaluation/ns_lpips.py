@@ -60,6 +60,7 @@ class WordMapAverage(AttentionHook):
     def __call__(self, site: Site, probs: Tensor) -> Tensor:
         heads = probs if self.all_heads else probs[:, probs.shape[1] // 2:]  # (B, h, Q, keys)
         rows = torch.arange(len(probs), device=probs.device)
+        # a sample without its word (NO_TOKEN) reads BOS: its score is nan whatever its map
         maps = heads.permute(0, 3, 1, 2)[rows, self.tokens.clamp(min=0).to(probs.device)]  # (B, h, Q)
         self.total = maps.float().sum(1) + (0 if self.total is None else self.total)
         self.count += heads.shape[1]
@@ -139,11 +140,8 @@ class NSLPIPS:
     def build(cls, model_cfg: Any, cfg: Mapping[str, Any], device: torch.device) -> NSLPIPS:
         """The run's diffusion model (its preset, `model_cfg`) and LPIPS(AlexNet) (ImageNet trunk with
         `cfg.pretrained_alex`, else a fixed random one for offline runs)."""
-        backbone = load_backbone(model_cfg, str(device))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            lpips = build_lpips(cfg["pretrained_alex"], net="alex", offline_hint="metrics.<preset>.ns_lpips.pretrained_alex=false")
-        return cls(backbone, lpips.to(device), cfg["steps"], cfg.get("all_heads", False))
+        lpips = build_lpips(cfg["pretrained_alex"], net="alex", seed=0, offline_hint="metrics.<preset>.ns_lpips.pretrained_alex=false")
+        return cls(load_backbone(model_cfg, str(device)), lpips.to(device), cfg["steps"], cfg.get("all_heads", False))
 
     def backgrounds(self, inputs: Tensor, prompts: Sequence[str], words: Sequence[str]) -> tuple[Tensor, Tensor]:
         """The soft background masks of `inputs` (B x 1 x 256 x 256), each from its prompt's blend word, and which

@@ -35,9 +35,7 @@ Translator = Callable[[Tensor], Tensor]  # B x 3 x H x W in [-1, 1] -> its edits
 def truth_lpips() -> nn.Module:
     """The LPIPS of the toy world's metric preset (conf/metrics/toy.yaml): the shipped linear heads on a random VGG
     trunk drawn from seed 0, the one the editor benchmark and evaluate.py draw, so their LPIPS columns agree."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return build_lpips(pretrained=False)
+    return build_lpips(pretrained=False, seed=0)
 
 
 def truth_metrics(edited: Tensor, benchmark_set: BenchmarkSet, lpips: nn.Module, rows: slice = slice(None)) -> dict[str, Tensor]:
